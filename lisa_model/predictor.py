@@ -1,0 +1,245 @@
+"""``LisaPredictor``: numpy in, numpy out, with per-frame caching.
+
+``set_image(rgb)`` does everything that depends only on the frame: CLIP features, the SAM image
+embedding, and the LLM's KV cache for the prompt up to the image (the system prompt, ``USER:``
+and the image tokens), so several queries on one frame pay for these once.
+
+``predict(query)`` then answers one query in one of two ways:
+
+- ``mode="generate"`` (default): greedy decoding with a KV cache, one mask per emitted ``[SEG]``,
+  stopping at EOS or ``max_new_tokens``; ``found`` is False when no ``[SEG]`` was produced.
+  This is what the original ``chat.py`` does (without its per-token recomputation).
+- ``mode="segment"``: the fast path; one teacher-forced forward of the prompt whose answer is
+  ``"[SEG]."`` (as the original's validation), i.e. exactly one mask and no decoding loop.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lisa_model.generation import crop_cache, greedy_generate
+from lisa_model.modeling import LisaModel
+from lisa_model.processing import postprocess_masks, prepare_image
+from lisa_model.prompts import (
+    IM_END_TOKEN,
+    IMAGE_TOKEN,
+    build_chat_prompt,
+    format_query,
+)
+from lisa_model.types import SegmentationResult
+
+MODES = ("generate", "segment")
+
+
+@dataclass
+class _FrameCache:
+    """Per-frame state. Shapes: ``image_features (1, P, H)``, ``image_embedding (1,256,64,64)``."""
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    image_features: torch.Tensor
+    image_embedding: torch.Tensor
+    prefix_ids: list[int] | None = None
+    prefix_cache: object | None = None
+    prefix_length: int = 0  # positions held by prefix_cache (image tokens expanded)
+
+
+class LisaPredictor:
+    """Answers queries about one frame at a time (see the module docstring).
+
+    Args:
+        model: a loaded :class:`~lisa_model.modeling.LisaModel` (eval mode).
+        template: chat template; defaults to the checkpoint's (``llava_v1``).
+        cache_prefix: keep the prompt prefix's KV cache per frame (on by default).
+        sync_timings: synchronise CUDA around stages so ``timings`` are exact (slower).
+    """
+
+    def __init__(
+        self,
+        model: LisaModel,
+        template: str | None = None,
+        cache_prefix: bool = True,
+        sync_timings: bool = False,
+    ) -> None:
+        self.model = model
+        self.template = template or model.config.conv_template
+        self.cache_prefix = cache_prefix
+        self.sync_timings = sync_timings
+        self._frame: _FrameCache | None = None
+        self.last_set_image_timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ frame
+    @property
+    def is_image_set(self) -> bool:
+        return self._frame is not None
+
+    def reset_image(self) -> None:
+        """Forget the current frame (frees its cached tensors)."""
+        self._frame = None
+
+    @torch.inference_mode()
+    def set_image(self, rgb: np.ndarray) -> None:
+        """Compute and cache the per-frame work for ``rgb``: ``(H, W, 3)`` uint8 RGB."""
+        model = self.model
+        timings: dict[str, float] = {}
+        self._frame = None
+        t0 = self._now()
+        prepared = prepare_image(rgb)
+        t1 = self._now()
+        features = model.encode_clip(prepared.clip.unsqueeze(0))  # (1, P, H)
+        t2 = self._now()
+        embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64)
+        t3 = self._now()
+        frame = _FrameCache(prepared.original_hw, prepared.resized_hw, features, embedding)
+        if self.cache_prefix:
+            prefix_ids = self._prefix_ids()
+            embeds = self._embed(prefix_ids, frame)
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            model.llm.model(inputs_embeds=embeds, cache=cache, use_cache=True)
+            frame.prefix_ids, frame.prefix_cache = prefix_ids, cache
+            frame.prefix_length = embeds.shape[1]
+        t4 = self._now()
+        timings.update(preprocess=t1 - t0, clip=t2 - t1, sam_encoder=t3 - t2, llm_prefix=t4 - t3)
+        self.last_set_image_timings = timings
+        self._frame = frame
+
+    # ------------------------------------------------------------------ query
+    @torch.inference_mode()
+    def predict(
+        self,
+        query: str,
+        explain: bool = False,
+        max_new_tokens: int = 64,
+        mode: str = "generate",
+        raw_prompt: bool = False,
+    ) -> SegmentationResult:
+        """Answer ``query`` about the current frame.
+
+        Args:
+            query: what to segment, in plain language. Unless ``raw_prompt``, it is put in the
+                trained question style by :func:`lisa_model.prompts.format_query`.
+            explain: ask for an explanation (generation only).
+            max_new_tokens: decoding budget (generation only).
+            mode: ``"generate"`` or ``"segment"`` (fast path, exactly one mask, no text).
+            raw_prompt: use ``query`` verbatim as the user turn (what ``chat.py`` does).
+
+        Returns:
+            :class:`~lisa_model.types.SegmentationResult` with masks in the frame of the image
+            given to :meth:`set_image`.
+        """
+        if self._frame is None:
+            raise RuntimeError("no image set: call set_image(rgb) before predict()")
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}; expected one of {MODES}")
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("empty query: expected a description of what to segment")
+        if explain and mode == "segment":
+            raise ValueError("explain=True needs mode='generate' (the fast path produces no text)")
+        user_text = query.strip() if raw_prompt else format_query(query, explain)
+        prompt_ids = self.prompt_ids(user_text)
+        budget = self.model.config.max_position_embeddings
+        needed = len(prompt_ids) + self.model.num_image_tokens + max_new_tokens
+        if needed > budget:
+            raise ValueError(
+                f"query too long: prompt + answer need {needed} positions, the model has {budget}"
+            )
+        frame = self._frame
+        timings: dict[str, float] = {}
+        t0 = self._now()
+        cache, embeds = self._prompt_inputs(prompt_ids, frame)
+        try:
+            if mode == "segment":
+                out = self.model.llm.model(inputs_embeds=embeds, cache=cache, use_cache=True)
+                seg_hidden = out.last_hidden_state[0, -1:]  # (1, H): the state before [SEG]
+                tokens: list[int] = []
+            else:
+                gen = greedy_generate(
+                    self.model.llm,
+                    embeds,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=self.model.eos_token_id,
+                    seg_token_id=self.model.seg_token_id,
+                    cache=cache,
+                )
+                seg_hidden, tokens = gen.seg_hidden, gen.token_ids
+        finally:
+            if frame.prefix_cache is not None and cache is frame.prefix_cache:
+                crop_cache(cache, frame.prefix_length)
+        t1 = self._now()
+        logits = self._masks(seg_hidden, frame)
+        t2 = self._now()
+        timings.update(llm=t1 - t0, masks=t2 - t1)
+        logits_np = logits.cpu().numpy()
+        return SegmentationResult(
+            masks=logits_np > 0,
+            logits=logits_np,
+            text=self.readable_text(tokens),
+            token_ids=tokens,
+            timings=timings,
+        )
+
+    def segment(self, query: str, raw_prompt: bool = False) -> SegmentationResult:
+        """The fast path: ``predict(query, mode="segment")``."""
+        return self.predict(query, mode="segment", raw_prompt=raw_prompt)
+
+    # ------------------------------------------------------------------ helpers
+    def prompt_ids(self, user_text: str) -> list[int]:
+        """Token ids of the chat prompt for ``user_text`` (image placeholder included)."""
+        prompt = build_chat_prompt(
+            user_text, self.template, use_im_start_end=self.model.config.use_im_start_end
+        )
+        return self.model.tokenizer.tokenizer_image_token(prompt)
+
+    def readable_text(self, token_ids: list[int]) -> str:
+        """The answer as text: EOS dropped, ``[SEG]`` kept, no space before punctuation."""
+        ids = [t for t in token_ids if t != self.model.eos_token_id]
+        text = self.model.tokenizer.decode(ids, skip_special_tokens=True)
+        return re.sub(r"\s+([.,!?;:])", r"\1", " ".join(text.split()))
+
+    def _prefix_ids(self) -> list[int]:
+        """Ids of the prompt up to and including the image (query-independent)."""
+        prompt = build_chat_prompt(
+            "", self.template, use_im_start_end=self.model.config.use_im_start_end
+        )
+        marker = IM_END_TOKEN if self.model.config.use_im_start_end else IMAGE_TOKEN
+        prefix = prompt[: prompt.index(marker) + len(marker)]
+        return self.model.tokenizer.tokenizer_image_token(prefix)
+
+    def _embed(self, ids: list[int], frame: _FrameCache) -> torch.Tensor:
+        input_ids = torch.tensor([ids], device=self.model.device)
+        n_images = int((input_ids == self.model.image_token_index).sum())
+        feats = frame.image_features.expand(n_images, -1, -1)
+        embeds, _, _ = self.model.embed_inputs(input_ids, feats)
+        return embeds
+
+    def _prompt_inputs(
+        self, prompt_ids: list[int], frame: _FrameCache
+    ) -> tuple[object | None, torch.Tensor]:
+        """(cache to continue from, embeddings of what is not cached yet)."""
+        prefix = frame.prefix_ids
+        if prefix is not None and prompt_ids[: len(prefix)] == prefix:
+            rest = prompt_ids[len(prefix) :]
+            if self.model.image_token_index not in rest and rest:
+                ids = torch.tensor([rest], device=self.model.device)
+                return frame.prefix_cache, self.model.embed_tokens(ids)
+        return None, self._embed(prompt_ids, frame)
+
+    def _masks(self, seg_hidden: torch.Tensor, frame: _FrameCache) -> torch.Tensor:
+        """``(N, H)`` hidden states -> ``(N, H_img, W_img)`` float32 logits."""
+        if seg_hidden.shape[0] == 0:
+            return torch.zeros((0, *frame.original_hw), dtype=torch.float32)
+        prompts = self.model.project_seg_hidden(seg_hidden)
+        low_res = self.model.decode_masks(frame.image_embedding, prompts)
+        return postprocess_masks(low_res, frame.resized_hw, frame.original_hw)
+
+    def _now(self) -> float:
+        if self.sync_timings and self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
