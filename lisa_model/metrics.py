@@ -80,7 +80,7 @@ def intersection_and_union(
         raise ValueError(
             f"pred {tuple(pred_t.shape)} and target {tuple(target_t.shape)} differ in shape"
         )
-    output = pred_t.reshape(-1).to(torch.int64)  # a copy: the caller's tensor stays intact
+    output = pred_t.reshape(-1).to(torch.int64, copy=True)  # the caller's tensor stays intact
     labels = target_t.reshape(-1).to(device=output.device, dtype=torch.int64)
     output[labels == ignore_index] = ignore_index
     area_intersection = _class_counts(output[output == labels], num_classes)

@@ -6,9 +6,9 @@ Two views of every RGB frame go into the model:
   ``openai/clip-vit-large-patch14`` (shortest edge to 224 with PIL bicubic, centre crop 224,
   ``x * (1/255)`` in float64 cast to float32, ``(x - mean) / std`` in float32, CHW). Written here
   with PIL and numpy because later transformers releases changed that processor.
-* SAM: ``ResizeLongestSide(1024).apply_image`` of upstream segment-anything (PIL bilinear, long side
-  to 1024, ``int(x * scale + 0.5)`` rounding), then ``(x - mean) / std`` in float32 and zero padding
-  at the bottom/right to 1024 x 1024 (padding after normalisation, so the pad is 0, not -mean/std).
+* SAM: ``ResizeLongestSide(1024).apply_image`` of upstream segment-anything (PIL bilinear, long
+  side to 1024, ``int(x * scale + 0.5)`` rounding), then ``(x - mean) / std`` in float32 and zero
+  padding at the bottom/right to 1024 x 1024 (after normalisation, so the pad is 0, not -mean/std).
 
 Mask logits come back from SAM's decoder at 256 x 256 in the padded 1024 frame;
 :func:`postprocess_masks` maps them to the original image frame as the original
