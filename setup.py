@@ -14,7 +14,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lisa_model*", "lisa_ros*", "training*"]),
     include_package_data=True,
-    package_data={"training": ["configs/*.yaml", "configs/*.json"]},
+    package_data={
+        "training": ["configs/*.yaml", "configs/*.json", "data/*.json"],
+        "lisa_model": ["data/demo_model/*", "data/demo_model/vision_tower/*", "data/examples/*"],
+    },
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -52,6 +55,8 @@ setup(
     entry_points={
         "console_scripts": [
             "lisa-segment = lisa_model.cli.segment:main",
+            "lisa-eval = training.evaluate:main",
+            "lisa-make-shapes = training.shapes:main",
             "lisa_node = lisa_ros.node:main",
         ],
     },

@@ -393,7 +393,9 @@ class LisaModel(nn.Module):
             sel = (rows >= offsets[i]) & (rows < offsets[i + 1])
             low_res = self.decode_masks(image_embeddings[i : i + 1], prompts[sel])
             low_res_masks.append(low_res)
-            pred_masks.append(postprocess_masks(low_res, resize_sizes[i], original_sizes[i]))
+            pred_masks.append(
+                postprocess_masks(low_res, resize_sizes[i], original_sizes[i], self.sam_image_size)
+            )
 
         result = LisaForwardOutput(pred_masks=pred_masks, low_res_masks=low_res_masks)
         losses = []

@@ -89,7 +89,7 @@ class LisaPredictor:
         timings: dict[str, float] = {}
         self._frame = None
         t0 = self._now()
-        prepared = prepare_image(rgb)
+        prepared = prepare_image(rgb, sam_size=model.sam_image_size)
         t1 = self._now()
         features = model.encode_clip(prepared.clip.unsqueeze(0))  # (1, P, H)
         t2 = self._now()
@@ -237,7 +237,9 @@ class LisaPredictor:
             return torch.zeros((0, *frame.original_hw), dtype=torch.float32)
         prompts = self.model.project_seg_hidden(seg_hidden)
         low_res = self.model.decode_masks(frame.image_embedding, prompts)
-        return postprocess_masks(low_res, frame.resized_hw, frame.original_hw)
+        return postprocess_masks(
+            low_res, frame.resized_hw, frame.original_hw, self.model.sam_image_size
+        )
 
     def _now(self) -> float:
         if self.sync_timings and self.model.device.type == "cuda":

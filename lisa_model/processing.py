@@ -197,20 +197,22 @@ def sam_preprocess(resized: np.ndarray, image_size: int = SAM_IMAGE_SIZE) -> tor
     return F.pad(normalised, (0, image_size - width, 0, image_size - height))
 
 
-def prepare_image(rgb: np.ndarray) -> PreparedImage:
+def prepare_image(rgb: np.ndarray, sam_size: int = SAM_IMAGE_SIZE) -> PreparedImage:
     """CLIP and SAM inputs of one frame.
 
     Args:
         rgb: ``(H, W, 3)`` uint8 RGB image (e.g. ``cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)``).
+        sam_size: side of SAM's square input (1024 for every published SAM; the model's
+            ``sam_image_size``).
 
     Raises:
         ValueError: when ``rgb`` is not a non-empty ``(H, W, 3)`` uint8 array.
     """
     rgb = _check_rgb(rgb)
-    resized = sam_resize(rgb)
+    resized = sam_resize(rgb, sam_size)
     return PreparedImage(
         clip=clip_preprocess(rgb),
-        sam=sam_preprocess(resized),
+        sam=sam_preprocess(resized, sam_size),
         resized_hw=(int(resized.shape[0]), int(resized.shape[1])),
         original_hw=(int(rgb.shape[0]), int(rgb.shape[1])),
     )

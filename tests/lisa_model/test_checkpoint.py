@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,8 +33,8 @@ OTHER_SPEC = ModelSpec(
     hidden_size=48, num_layers=3, num_heads=3, intermediate_size=96, rms_norm_eps=1e-5,
     max_position_embeddings=4096, clip_hidden=24, clip_layers=3, clip_heads=2,
     clip_intermediate=48,
-    sam=SamGeometry(embed_dim=32, depth=3, num_heads=2, window_size=8, global_attn_indexes=(2,),
-                    mlp_ratio=2.0),
+    sam=SamGeometry(img_size=512, embed_dim=32, depth=3, num_heads=2, window_size=8,
+                    global_attn_indexes=(2,), mlp_ratio=2.0),
 )  # fmt: skip
 
 
@@ -119,8 +120,16 @@ def test_other_sizes_and_both_token_layouts(tmp_path, layout, seg_offset):
     assert len(encoder.blocks) == 3
     assert [b.window_size for b in encoder.blocks] == [8, 8, 0]
     assert encoder.blocks[0].attn.num_heads == 2
+    assert model.sam_image_size == 512
     ids = model.tokenizer.encode("Sure, [SEG].")
     assert model.seg_token_id in ids
+    # The whole path runs at this geometry: masks come back in the frame's size.
+    from lisa_model.predictor import LisaPredictor
+
+    predictor = LisaPredictor(model)
+    predictor.set_image(np.full((50, 70, 3), 90, np.uint8))
+    result = predictor.predict("the red ball", mode="segment")
+    assert result.masks.shape == (1, 50, 70)
 
 
 @pytest.mark.parametrize("geometry", [SAM_VIT_B, SAM_VIT_L, SAM_VIT_H])

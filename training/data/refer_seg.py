@@ -1,0 +1,358 @@
+"""Referring segmentation: refCLEF, refCOCO, refCOCO+, refCOCOg in the REFER-API format.
+
+Layout (``root`` = ``<dataset_dir>/refer_seg``)::
+
+    root/<dataset>/refs(<split_by>).p      pickled list of refs: {ref_id, ann_id, image_id, split,
+                                           category_id, sentences: [{sent, sent_id, ...}]}
+    root/<dataset>/instances.json          COCO format: images, annotations, categories
+    root/images/mscoco/images/train2014/   COCO_train2014_%012d.jpg (refcoco, refcoco+, refcocog)
+    root/images/saiapr_tc-12/              refclef images (file_name as in instances.json)
+
+``split_by`` is ``umd`` for refcocog and ``unc`` otherwise (refclef included), as the original.
+Masks come from the annotation's COCO polygons or RLE; multi-part masks are merged (logical or).
+"""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lisa_model.prompts import ANSWER_LIST, IMAGE_TOKEN, SEGMENT_ONLY_ANSWER, SHORT_QUESTION_LIST
+from training.data.types import (
+    DataFormatError,
+    Sample,
+    check_image_size,
+    check_index,
+    item_rng,
+    read_image,
+    read_json,
+    require_path,
+)
+
+REFER_DATASETS = ("refclef", "refcoco", "refcoco+", "refcocog")
+
+
+def default_split_by(dataset: str) -> str:
+    """``"umd"`` for refcocog, ``"unc"`` for the others (the original's choice)."""
+    return "umd" if dataset == "refcocog" else "unc"
+
+
+def image_dir(root: Path, dataset: str) -> Path:
+    """Where the images of ``dataset`` live under the refer_seg ``root``."""
+    if dataset == "refclef":
+        return root / "images" / "saiapr_tc-12"
+    return root / "images" / "mscoco" / "images" / "train2014"
+
+
+def segmentation_to_mask(seg: Any, height: int, width: int, where: str) -> np.ndarray:
+    """``(H, W)`` uint8 0/1 mask of a COCO ``segmentation`` (polygons, RLE list or RLE dict).
+
+    Empty segmentations give an all-zero mask; the parts of a multi-part object are or-ed (the
+    original summed them, which gives 2 where parts overlap).
+
+    Raises:
+        DataFormatError: naming ``where`` when the segmentation is neither polygons nor RLE, or
+            its RLE size is not ``(height, width)``.
+    """
+    from pycocotools import mask as mask_utils
+
+    if seg is None or (isinstance(seg, list) and len(seg) == 0):
+        return np.zeros((height, width), dtype=np.uint8)
+
+    def _rle(obj: dict) -> dict:
+        if not isinstance(obj, dict) or "counts" not in obj or "size" not in obj:
+            raise DataFormatError(f"{where}: expected an RLE object with 'counts' and 'size'")
+        counts = obj["counts"]
+        if isinstance(counts, list):  # uncompressed RLE
+            return mask_utils.frPyObjects(dict(obj), height, width)
+        if isinstance(counts, str):
+            return {"size": list(obj["size"]), "counts": counts.encode()}
+        return {"size": list(obj["size"]), "counts": counts}
+
+    try:
+        if isinstance(seg, dict):
+            rles = [_rle(seg)]
+        elif isinstance(seg, list) and all(isinstance(p, list) for p in seg):
+            rles = mask_utils.frPyObjects(seg, height, width)
+        elif isinstance(seg, list) and all(isinstance(p, dict) for p in seg):
+            rles = [_rle(p) for p in seg]
+        else:
+            raise DataFormatError(
+                f"{where}: segmentation must be a list of polygons, a list of RLEs or an RLE, "
+                f"got {str(seg)[:80]}"
+            )
+        with warnings.catch_warnings():  # pycocotools' Cython __array__ predates NumPy 2
+            warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+            decoded = mask_utils.decode(rles)  # (H, W, n)
+    except DataFormatError:
+        raise
+    except Exception as exc:  # pycocotools raises bare Exceptions/TypeErrors
+        raise DataFormatError(f"{where}: cannot decode segmentation ({exc})") from exc
+    if decoded.shape[:2] != (height, width):
+        raise DataFormatError(
+            f"{where}: segmentation is {decoded.shape[1]}x{decoded.shape[0]} (WxH) but the image "
+            f"is {width}x{height}"
+        )
+    return (decoded.reshape(height, width, -1).sum(axis=2) > 0).astype(np.uint8)
+
+
+def _split_matches(ref_split: str, split: str) -> bool:
+    """The REFER API's split filter (``testA`` also matches ``testAB``, ``test`` any test)."""
+    if split in ("testA", "testB", "testC"):
+        return split[-1] in ref_split
+    if split == "test":
+        return "test" in ref_split
+    return ref_split == split
+
+
+def _load_refs(path: Path) -> list[dict]:
+    require_path(path, "refs pickle")
+    try:
+        with path.open("rb") as f:
+            refs = pickle.load(f)
+    except UnicodeDecodeError:  # Python 2 pickles with non-ASCII byte strings
+        with path.open("rb") as f:
+            refs = pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise DataFormatError(f"{path} is not a readable refs pickle: {exc}") from exc
+    if not isinstance(refs, list):
+        raise DataFormatError(
+            f"{path}: expected a pickled list of refs, got {type(refs).__name__}"
+        )
+    for k, ref in enumerate(refs):
+        if not isinstance(ref, dict) or not {"ann_id", "image_id", "split", "sentences"} <= set(
+            ref
+        ):
+            raise DataFormatError(
+                f"{path}: ref {k} must be a dict with ann_id, image_id, split and sentences"
+            )
+    return refs
+
+
+class ReferData:
+    """The refs of one split of one REFER dataset, indexed by image (sorted image ids).
+
+    Attributes:
+        image_ids: sorted ids of the images that have refs in the split.
+        images: ``{image id: COCO image record}``.
+        anns: ``{annotation id: COCO annotation record}``.
+        img_refs: ``{image id: refs of the split in pickle order}``.
+        image_root: directory the image ``file_name`` values are relative to.
+    """
+
+    def __init__(
+        self, root: str | Path, dataset: str, split: str, split_by: str | None = None
+    ) -> None:
+        if dataset not in REFER_DATASETS:
+            raise ValueError(
+                f"unknown refer dataset {dataset!r}; expected one of {REFER_DATASETS}"
+            )
+        self.root = Path(root)
+        self.dataset = dataset
+        self.split = split
+        self.split_by = split_by or default_split_by(dataset)
+        data_dir = self.root / dataset
+        refs_path = data_dir / f"refs({self.split_by}).p"
+        instances_path = data_dir / "instances.json"
+        refs = _load_refs(refs_path)
+        instances = read_json(instances_path, "refer instances.json")
+        if not isinstance(instances, dict) or not {"images", "annotations"} <= set(instances):
+            raise DataFormatError(
+                f"{instances_path}: expected COCO keys 'images' and 'annotations'"
+            )
+        self.images = {int(im["id"]): im for im in instances["images"]}
+        self.anns = {int(a["id"]): a for a in instances["annotations"]}
+        self.img_refs: dict[int, list[dict]] = {}
+        for ref in refs:
+            if _split_matches(str(ref["split"]), split):
+                self.img_refs.setdefault(int(ref["image_id"]), []).append(ref)
+        missing = [i for i in self.img_refs if i not in self.images]
+        if missing:
+            raise DataFormatError(
+                f"{refs_path}: refs name image ids {missing[:5]} that {instances_path} lacks"
+            )
+        self.image_ids = sorted(self.img_refs)
+        if not self.image_ids:
+            raise DataFormatError(f"{refs_path}: no refs in split {split!r}")
+        self.image_root = image_dir(self.root, dataset)
+        self.refs_path = refs_path
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_root / self.images[image_id]["file_name"]
+
+    def sentences(self, image_id: int) -> tuple[list[str], list[Any]]:
+        """All ``(sentences, ann ids)`` of the image's refs, in ref order."""
+        sents, ann_ids = [], []
+        for ref in self.img_refs[image_id]:
+            for sent in ref["sentences"]:
+                if not isinstance(sent, dict) or not isinstance(sent.get("sent"), str):
+                    raise DataFormatError(
+                        f"{self.refs_path}: ref {ref.get('ref_id')} has a sentence without a "
+                        "string 'sent'"
+                    )
+                sents.append(sent["sent"])
+                ann_ids.append(ref["ann_id"])
+        return sents, ann_ids
+
+    def mask(self, ann_id: Any, image_id: int) -> np.ndarray:
+        """``(H, W)`` uint8 0/1 mask of annotation ``ann_id`` (a list of ids is or-ed)."""
+        info = self.images[image_id]
+        h, w = int(info["height"]), int(info["width"])
+        ids = ann_id if isinstance(ann_id, list) else [ann_id]
+        out = np.zeros((h, w), dtype=np.uint8)
+        for a in ids:
+            if a == -1:  # gRefCOCO "no target"
+                continue
+            ann = self.anns.get(int(a))
+            if ann is None:
+                raise DataFormatError(
+                    f"{self.refs_path}: annotation id {a} is not in {self.dataset}/instances.json"
+                )
+            where = f"{self.dataset}/instances.json annotation {a}"
+            out |= segmentation_to_mask(ann.get("segmentation"), h, w, where)
+        return out
+
+    def read_image(self, image_id: int) -> tuple[Path, np.ndarray]:
+        path = self.image_path(image_id)
+        image = read_image(path)
+        info = self.images[image_id]
+        check_image_size(image, (int(info["height"]), int(info["width"])), path, "instances.json")
+        return path, image
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+class ReferSegDataset:
+    """Referring-segmentation training samples (the original ``ReferSegDataset``, one source).
+
+    Item ``idx`` reads image ``idx % n_images`` (images with refs in ``split``, sorted by id) and
+    draws from ``item_rng(seed, idx, epoch)`` up to ``num_sentences`` of its sentences without
+    replacement, one conversation each: SHORT template with the stripped, lower-cased sentence,
+    answer from ``ANSWER_LIST``, mask = the referred annotation.
+
+    Args:
+        root: ``<dataset_dir>/refer_seg``.
+        dataset: ``refclef``, ``refcoco``, ``refcoco+`` or ``refcocog``.
+        split: ``train``, ``val``, ``test``, ``testA``, ...
+        split_by: defaults to ``umd`` for refcocog, ``unc`` otherwise.
+        samples_per_epoch: dataset length (wrapping over the images); defaults to the image count.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str = "refcoco",
+        split: str = "train",
+        seed: int = 0,
+        num_sentences: int = 3,
+        split_by: str | None = None,
+        samples_per_epoch: int | None = None,
+    ) -> None:
+        if num_sentences < 1:
+            raise ValueError(f"num_sentences must be >= 1, got {num_sentences}")
+        if samples_per_epoch is not None and samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        self.data = ReferData(root, dataset, split, split_by)
+        self.source = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+        self.num_sentences = int(num_sentences)
+        self.samples_per_epoch = samples_per_epoch
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch or len(self.data.image_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Mix ``epoch`` into the per-item generators (fresh draws every epoch)."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, idx: int) -> Sample:
+        i = check_index(idx, len(self), f"ReferSegDataset({self.source})")
+        rng = item_rng(self.seed, i, self.epoch)
+        image_id = self.data.image_ids[i % len(self.data.image_ids)]
+        sents, ann_ids = self.data.sentences(image_id)
+        if not sents:
+            raise DataFormatError(f"{self.data.refs_path}: image {image_id} has no sentences")
+        n, k = len(sents), self.num_sentences
+        inds = rng.choice(n, size=k, replace=False) if n >= k else np.arange(n)
+        texts = [sents[int(j)] for j in inds]
+        conversations = [
+            [
+                (
+                    _pick(rng, SHORT_QUESTION_LIST).format(class_name=t.strip().lower()),
+                    _pick(rng, ANSWER_LIST),
+                )
+            ]
+            for t in texts
+        ]
+        path, image = self.data.read_image(image_id)
+        masks = np.stack([self.data.mask(ann_ids[int(j)], image_id) for j in inds])
+        return Sample(
+            image_path=str(path),
+            image=image,
+            conversations=conversations,
+            masks=masks,
+            label=np.zeros(image.shape[:2], dtype=np.uint8),
+            texts=texts,
+            is_sentence=False,
+            source=self.source,
+        ).validate()
+
+
+class ReferSegValDataset:
+    """Referring-segmentation evaluation (the original ``ValDataset("refcoco|unc|val")``).
+
+    One sample per image (sorted ids) with every sentence of every ref of the image, stripped and
+    lower-cased, one conversation each: ``"<image>\\n What is {sent} in this image? Please output
+    segmentation mask."`` answered ``"[SEG]."``. Deterministic.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str = "refcoco",
+        split: str = "val",
+        split_by: str | None = None,
+    ) -> None:
+        self.data = ReferData(root, dataset, split, split_by)
+        self.source = dataset
+
+    def __len__(self) -> int:
+        return len(self.data.image_ids)
+
+    def __getitem__(self, idx: int) -> Sample:
+        i = check_index(idx, len(self), f"ReferSegValDataset({self.source})")
+        image_id = self.data.image_ids[i]
+        sents, ann_ids = self.data.sentences(image_id)
+        if not sents:
+            raise DataFormatError(f"{self.data.refs_path}: image {image_id} has no sentences")
+        texts = [s.strip().lower() for s in sents]
+        conversations = [
+            [
+                (
+                    IMAGE_TOKEN
+                    + f"\n What is {t.strip()} in this image? Please output segmentation mask.",
+                    SEGMENT_ONLY_ANSWER,
+                )
+            ]
+            for t in texts
+        ]
+        path, image = self.data.read_image(image_id)
+        masks = np.stack([self.data.mask(a, image_id) for a in ann_ids])
+        return Sample(
+            image_path=str(path),
+            image=image,
+            conversations=conversations,
+            masks=masks,
+            label=np.zeros(image.shape[:2], dtype=np.uint8),
+            texts=texts,
+            is_sentence=False,
+            source=self.source,
+        ).validate()
