@@ -474,5 +474,16 @@ def save_lisa(
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     model.tokenizer.save_pretrained(directory)
     if include_vision_tower:
-        model.vision_tower.save_pretrained(directory / VISION_TOWER_DIR)
+        save_vision_tower(model.vision_tower, directory / VISION_TOWER_DIR)
     return directory
+
+
+def save_vision_tower(tower: nn.Module, directory: Path) -> None:
+    """Write a CLIP tower as ``config.json`` + ``model.safetensors`` (loadable with
+    ``CLIPVisionModel.from_pretrained``), without transformers' save machinery."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tower.config.to_json_file(directory / "config.json")
+    state = {k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
