@@ -1,0 +1,645 @@
+"""lisa_node over real rclpy pub/sub on loopback, with the reference fixture's tiny checkpoint.
+
+A probe node plays camera and user: it publishes frames and commands and records what the node
+publishes. Everything runs in this process on one MultiThreadedExecutor. The model is loaded once
+for the module and shared by the nodes (``SharedModelNode``); the lifecycle test loads its own so
+that it can check the model is freed on cleanup. The one dependency slowed down on purpose is the
+segmenter (``SlowSegmenter``), to have seconds-long inference under a 30 Hz image flood.
+"""
+
+from __future__ import annotations
+
+import array
+import gc
+import os
+import re
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# DDS on loopback and a domain of our own, before rclpy is initialised (pytest imports test
+# modules before running any fixture).
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import rclpy  # noqa: E402
+from lifecycle_msgs.msg import Transition  # noqa: E402
+from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
+from rclpy.context import Context  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+
+from lisa_ros.conversion import MASK_PNG_FORMAT  # noqa: E402
+from lisa_ros.node import LisaNode  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "fixtures" / "lisa_reference" / "lisa-tiny"
+H, W = 48, 64  # functional-test frames; the flood uses 480 x 640
+RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+OUTPUTS = ("mask", "mask/compressed", "overlay", "explanation")
+
+
+# ------------------------------------------------------------------------------------ harness
+
+
+@dataclass
+class Ros:
+    context: Context
+    executor: MultiThreadedExecutor
+    nodes: list[Node] = field(default_factory=list)
+
+    def add(self, node: Node) -> Any:
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+
+@pytest.fixture(scope="module")
+def ros() -> Iterator[Ros]:
+    context = Context()
+    rclpy.init(args=["--ros-args", "--disable-external-lib-logs"], context=context)
+    executor = MultiThreadedExecutor(num_threads=4, context=context)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    harness = Ros(context, executor)
+    yield harness
+    # ENVIRONMENT.md's order: executor, spin thread, nodes, context.
+    executor.shutdown()
+    thread.join(10)
+    for node in reversed(harness.nodes):
+        node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+@pytest.fixture(scope="module")
+def shared_model() -> Any:
+    from lisa_model.checkpoint import load_lisa
+
+    return load_lisa(TINY, device="cpu", dtype="float32")
+
+
+class SlowSegmenter:
+    """Wraps the real segmenter: ``delay`` seconds more per predict; queries containing
+    "out of memory" / "raise an error" raise what a CUDA OOM / a broken model would."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        self.inner.set_image(rgb)
+
+    def predict(self, query: str, explain: bool = False, max_new_tokens: int = 64) -> Any:
+        import torch
+
+        if "out of memory" in query:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if "raise an error" in query:
+            raise RuntimeError("boom")
+        time.sleep(self.delay)
+        return self.inner.predict(query, explain=explain, max_new_tokens=max_new_tokens)
+
+
+class SharedModelNode(LisaNode):
+    """LisaNode that takes the module's already loaded model (optionally a wrapped segmenter)."""
+
+    def __init__(
+        self, model: Any, wrap: Callable[[Any], Any] | None = None, **kwargs: Any
+    ) -> None:
+        self._shared_model, self._wrap = model, wrap
+        super().__init__(**kwargs)
+
+    def load_model(self, config: Any) -> Any:
+        self.resolve_device(config)
+        return self._shared_model
+
+    def build_segmenter(self, model: Any, config: Any) -> Any:
+        segmenter = super().build_segmenter(model, config)
+        return self._wrap(segmenter) if self._wrap else segmenter
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, period: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period)
+    return predicate()
+
+
+def params(**values: Any) -> list[Parameter]:
+    return [Parameter(k, value=v) for k, v in values.items()]
+
+
+@dataclass
+class Received:
+    msg: Any
+    t: float  # monotonic receipt time
+
+
+class Probe:
+    """Camera + user + output recorder for the node in namespace ``ns``."""
+
+    def __init__(self, ros: Ros, ns: str, image_qos: QoSProfile = RELIABLE) -> None:
+        self.ns = ns
+        self.node: Node = ros.add(Node(f"probe{ns.replace('/', '_')}", context=ros.context))
+        self.lock = threading.Lock()
+        self.masks: list[Received] = []
+        self.pngs: list[Received] = []
+        self.overlays: list[Received] = []
+        self.explanations: list[Received] = []
+        for topic, kind, store in (
+            ("mask", Image, self.masks),
+            ("mask/compressed", CompressedImage, self.pngs),
+            ("overlay", Image, self.overlays),
+            ("explanation", String, self.explanations),
+        ):
+            self.node.create_subscription(
+                kind, f"{ns}/{topic}", lambda m, s=store: self._record(s, m), RELIABLE
+            )
+        self.image_pub = self.node.create_publisher(Image, f"{ns}/image", image_qos)
+        self.compressed_pub = self.node.create_publisher(
+            CompressedImage, f"{ns}/image/compressed", image_qos
+        )
+        self.command_pub = self.node.create_publisher(String, f"{ns}/command", RELIABLE)
+        self.output_topics = {f"{ns}/{t}" for t in OUTPUTS}
+
+    def clear(self) -> None:
+        with self.lock:
+            for store in (self.masks, self.pngs, self.overlays, self.explanations):
+                store.clear()
+
+    def _record(self, store: list[Received], msg: Any) -> None:
+        with self.lock:
+            store.append(Received(msg, time.monotonic()))
+
+    def texts(self) -> list[str]:
+        with self.lock:
+            return [r.msg.data for r in self.explanations]
+
+    def connect(self, lisa: LisaNode, compressed: bool = False, timeout: float = 15.0) -> None:
+        """Wait for the node to be active and for every topic pair to be matched."""
+        assert wait_until(lambda: lisa.state == "active", 30.0), lisa.state
+        image_pub = self.compressed_pub if compressed else self.image_pub
+        outputs = [p for p in lisa.publishers if p.topic_name in self.output_topics]
+
+        def matched() -> bool:
+            return (
+                image_pub.get_subscription_count() > 0
+                and self.command_pub.get_subscription_count() > 0
+                and all(p.get_subscription_count() > 0 for p in outputs)
+            )
+
+        assert wait_until(matched, timeout), "probe and node did not match"
+
+    def now(self) -> Any:
+        return self.node.get_clock().now()
+
+    def frame(self, msg: Image | CompressedImage, frame_id: str, age: float = 0.0) -> Any:
+        msg.header.frame_id = frame_id
+        stamp = self.now().nanoseconds - int(age * 1e9)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+        (self.compressed_pub if isinstance(msg, CompressedImage) else self.image_pub).publish(msg)
+        return msg.header
+
+    def command(self, text: str) -> None:
+        self.command_pub.publish(String(data=text))
+
+    def mask_for(self, frame_id: str) -> Received | None:
+        with self.lock:
+            return next((r for r in self.masks if r.msg.header.frame_id == frame_id), None)
+
+    def wait_explanations(self, n: int, timeout: float = 20.0) -> list[str]:
+        assert wait_until(lambda: len(self.explanations) >= n, timeout), self.texts()
+        return self.texts()
+
+
+def image_msg(
+    height: int, width: int, encoding: str, data: bytes, step: int, big: int = 0
+) -> Image:
+    msg = Image(height=height, width=width, encoding=encoding, step=step, is_bigendian=big)
+    msg.data = array.array("B", data)
+    return msg
+
+
+def ramp_image(seed: int, hw: tuple[int, int] = (H, W)) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: smooth colour ramps plus a little seeded noise."""
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // max(1, w - 1), yy * 255 // max(1, h - 1), (xx + yy) % 256], -1)
+    noise = np.random.default_rng(seed).integers(0, 20, (h, w, 3))
+    return np.clip(rgb + noise, 0, 255).astype(np.uint8)
+
+
+def encoded(rgb: np.ndarray, encoding: str) -> tuple[Image, np.ndarray]:
+    """An Image message of ``rgb`` in ``encoding`` and the RGB a correct decoder returns."""
+    h, w = rgb.shape[:2]
+    if encoding == "rgb8":
+        return image_msg(h, w, encoding, rgb.tobytes(), 3 * w), rgb
+    if encoding == "bgr8":
+        return image_msg(h, w, encoding, rgb[:, :, ::-1].tobytes(), 3 * w), rgb
+    if encoding == "rgba8":
+        rgba = np.dstack([rgb, np.full((h, w), 77, np.uint8)])
+        return image_msg(h, w, encoding, rgba.tobytes(), 4 * w), rgb
+    grey8 = rgb[:, :, 0]
+    if encoding == "mono8":
+        return image_msg(h, w, encoding, grey8.tobytes(), w), np.repeat(grey8[:, :, None], 3, 2)
+    if encoding == "mono16":  # little-endian rows padded by 6 bytes
+        grey16 = grey8.astype(np.uint16) * 257 + 100
+        pad = 6
+        rows = np.zeros((h, 2 * w + pad), np.uint8)
+        rows[:, : 2 * w] = grey16.astype("<u2").view(np.uint8).reshape(h, 2 * w)
+        want = ((grey16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        msg = image_msg(h, w, encoding, rows.tobytes(), 2 * w + pad)
+        return msg, np.repeat(want[:, :, None], 3, 2)
+    raise AssertionError(encoding)
+
+
+def as_array(msg: Image) -> np.ndarray:
+    channels = {"mono8": 1, "rgb8": 3}[msg.encoding]
+    data = np.frombuffer(msg.data, np.uint8).reshape(msg.height, msg.step)
+    pixels = data[:, : msg.width * channels].reshape(msg.height, msg.width, channels)
+    return pixels[:, :, 0] if channels == 1 else pixels
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class FrameStream:
+    """Publishes ``make(i)`` frames at ``hz`` from a thread; ``sent[i]`` = monotonic time."""
+
+    def __init__(self, probe: Probe, hz: float, make: Callable[[int], Image]) -> None:
+        self.probe, self.hz, self.make = probe, hz, make
+        self.sent: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> FrameStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        while not self._stop.is_set():
+            i = len(self.sent)
+            self.probe.frame(self.make(i), f"f{i}")
+            self.sent.append(time.monotonic())
+            self._stop.wait(max(0.0, start + (i + 1) / self.hz - time.monotonic()))
+
+
+# ------------------------------------------------------------------------------- the nodes
+
+
+@pytest.fixture(scope="module")
+def main(ros: Ros, shared_model: Any) -> tuple[LisaNode, Probe]:
+    """Reliable raw images, generate mode, PNG masks on, short timeouts."""
+    node = ros.add(
+        SharedModelNode(
+            shared_model,
+            namespace="/lisa_main",
+            context=ros.context,
+            parameter_overrides=params(
+                model=str(TINY),
+                max_new_tokens=8,
+                image_reliability="reliable",
+                image_wait_timeout=1.5,
+                max_command_chars=60,
+                publish_compressed_mask=True,
+            ),
+        )
+    )
+    probe = Probe(ros, "/lisa_main")
+    probe.connect(node)
+    return node, probe
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "mono8", "rgba8", "mono16"])
+def test_frame_and_command_give_mask_explanation_overlay(main, encoding: str) -> None:
+    node, probe = main
+    rgb = ramp_image(seed=len(encoding))
+    msg, want = encoded(rgb, encoding)
+    n_expl = len(probe.explanations)
+    header = probe.frame(msg, f"cam_{encoding}")
+    probe.command("the red ball")
+    assert not probe.wait_explanations(n_expl + 1)[-1].startswith("failed")
+    assert wait_until(lambda: probe.mask_for(f"cam_{encoding}") is not None, 5.0)
+    mask_msg = probe.mask_for(f"cam_{encoding}").msg
+    # The mask lines up with the frame: same header, same size, mono8 0/255.
+    assert mask_msg.header.stamp == header.stamp and mask_msg.header.frame_id == header.frame_id
+    assert (mask_msg.height, mask_msg.width, mask_msg.encoding) == (H, W, "mono8")
+    mask = as_array(mask_msg)
+    assert set(np.unique(mask)) <= {0, 255}
+    # Lossless PNG copy of the same mask, with image_transport's format string.
+    png = next(r.msg for r in probe.pngs if r.msg.header.frame_id == f"cam_{encoding}")
+    assert png.format == MASK_PNG_FORMAT
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(png.data, np.uint8), -1), mask)
+    # The overlay is the decoded frame (colour order right) wherever no mask or banner covers it.
+    assert wait_until(
+        lambda: any(r.msg.header.frame_id == f"cam_{encoding}" for r in probe.overlays), 5.0
+    )
+    overlay_msg = next(r.msg for r in probe.overlays if r.msg.header.frame_id == header.frame_id)
+    assert (overlay_msg.encoding, overlay_msg.height, overlay_msg.width) == ("rgb8", H, W)
+    overlay = as_array(overlay_msg)
+    free = np.zeros((H, W), bool)
+    free[H // 2 :] = mask[H // 2 :] == 0  # the text banner stays in the top half
+    assert free.sum() > 0
+    np.testing.assert_array_equal(overlay[free], want[free])
+
+
+def test_stale_frame_is_never_used(main) -> None:
+    node, probe = main
+    n_expl = len(probe.explanations)
+    rgb = ramp_image(seed=3)
+    # Only a 30 s old frame: the command waits image_wait_timeout (1.5 s), then fails.
+    probe.frame(encoded(rgb, "rgb8")[0], "old_a", age=30.0)
+    start = time.monotonic()
+    probe.command("the red ball")
+    text = probe.wait_explanations(n_expl + 1)[-1]
+    assert time.monotonic() - start >= 1.4
+    pattern = r"failed: latest image is 3\d\.\d s old, older than max_image_age 1\.0 s"
+    assert re.fullmatch(pattern + r" \(command 'the red ball'\)", text), text
+    assert probe.mask_for("old_a") is None
+    # Stale frame, command, then a fresh frame within the timeout: served on the fresh one.
+    probe.frame(encoded(rgb, "rgb8")[0], "old_b", age=30.0)
+    probe.command("the red ball")
+    time.sleep(0.4)
+    header = probe.frame(encoded(rgb, "rgb8")[0], "fresh")
+    assert wait_until(lambda: probe.mask_for("fresh") is not None, 20.0), probe.texts()
+    assert probe.mask_for("fresh").msg.header.stamp == header.stamp
+    assert probe.mask_for("old_b") is None
+
+
+def test_bad_frames_and_commands_are_reported_and_node_keeps_serving(main) -> None:
+    node, probe = main
+    stats0 = node.pipeline.stats()
+    n_expl = len(probe.explanations)
+    rgb = ramp_image(seed=5)
+    probe.frame(image_msg(H, W, "foo8", rgb.tobytes(), 3 * W), "bad_encoding")
+    texts = probe.wait_explanations(n_expl + 1)
+    assert "failed: bad image on /lisa_main/image: unsupported image encoding 'foo8'" in texts[-1]
+    probe.frame(image_msg(H, W, "rgb8", rgb.tobytes()[:100], 3 * W), "short")
+    assert "fewer than height * step" in probe.wait_explanations(n_expl + 2)[-1]
+    probe.frame(image_msg(H, W, "rgb8", rgb.tobytes(), 10), "bad_step")
+    assert "step 10 is smaller than" in probe.wait_explanations(n_expl + 3)[-1]
+    # A 30 Hz stream of the same bad frame is reported once per throttle period, not 30 times.
+    for _ in range(20):
+        probe.frame(image_msg(H, W, "foo8", rgb.tobytes(), 3 * W), "bad_encoding")
+        time.sleep(1 / 30)
+    probe.command("")
+    probe.command(" \t ")
+    probe.command("x" * 61)
+    texts = probe.wait_explanations(n_expl + 6)[n_expl:]
+    assert texts[3:] == [
+        "failed: command rejected: command is empty",
+        "failed: command rejected: command is empty",
+        "failed: command rejected: command has 61 characters, more than max_command_chars 60",
+    ]
+    time.sleep(0.3)
+    assert sum("unsupported image encoding" in t for t in probe.texts()[n_expl:]) == 1
+    stats = node.pipeline.stats()
+    assert stats.commands_rejected - stats0.commands_rejected == 3
+    assert stats.frames_received == stats0.frames_received  # no bad frame got in
+    # And the node still serves.
+    header = probe.frame(encoded(rgb, "rgb8")[0], "good_after_bad")
+    probe.command("the red ball")
+    assert wait_until(lambda: probe.mask_for("good_after_bad") is not None, 20.0)
+    assert probe.mask_for("good_after_bad").msg.header.stamp == header.stamp
+
+
+def test_compressed_input_and_command_before_first_frame(ros: Ros, shared_model: Any) -> None:
+    node = ros.add(
+        SharedModelNode(
+            shared_model,
+            namespace="/lisa_jpeg",
+            context=ros.context,
+            parameter_overrides=params(
+                model=str(TINY),
+                image_transport="compressed",
+                mode="segment",
+                publish_overlay=False,
+            ),
+        )
+    )
+    probe = Probe(ros, "/lisa_jpeg", image_qos=qos_profile_sensor_data)
+    probe.connect(node, compressed=True)
+    assert not [p for p in node.publishers if p.topic_name.endswith(("/overlay", "/compressed"))]
+    bgr = ramp_image(seed=9)[:, :, ::-1]
+    # The very first input is a command; the frame comes 0.5 s later and serves it.
+    probe.command("the red ball")
+    time.sleep(0.5)
+    for fmt, ext in (("jpeg", ".jpg"), ("png", ".png")):
+        msg = CompressedImage(format=fmt)
+        msg.data = array.array("B", cv2.imencode(ext, bgr)[1].tobytes())
+        if fmt == "png":
+            probe.command("the red ball")
+        header = probe.frame(msg, f"compressed_{fmt}")
+        assert wait_until(lambda f=fmt: probe.mask_for(f"compressed_{f}") is not None, 20.0), (
+            probe.texts()
+        )
+        mask = probe.mask_for(f"compressed_{fmt}").msg
+        assert mask.header.stamp == header.stamp and (mask.height, mask.width) == (H, W)
+    assert probe.overlays == [] and probe.pngs == []
+    assert node.pipeline.stats().served == 2
+
+
+def test_image_flood_during_slow_inference_keeps_one_frame_and_flat_memory(
+    ros: Ros, shared_model: Any
+) -> None:
+    node = ros.add(
+        SharedModelNode(
+            shared_model,
+            wrap=lambda s: SlowSegmenter(s, delay=0.5),
+            namespace="/lisa_flood",
+            context=ros.context,
+            parameter_overrides=params(
+                model=str(TINY), mode="segment", queue_size=2, image_wait_timeout=5.0
+            ),
+        )
+    )
+    probe = Probe(ros, "/lisa_flood", image_qos=qos_profile_sensor_data)
+    probe.connect(node)
+    big = ramp_image(seed=1, hw=(480, 640))
+    frames = [encoded(np.roll(big, i, axis=1), "rgb8")[0] for i in range(4)]
+    with FrameStream(probe, 10.0, lambda i: frames[i % 4]):  # warm up at this frame size
+        probe.command("warm up")
+        assert wait_until(lambda: len(probe.masks) == 1, 30.0), probe.texts()
+    gc.collect()
+    rss_before = rss_mb()
+    stats0 = node.pipeline.stats()
+
+    with FrameStream(probe, 30.0, lambda i: frames[i % 4]) as stream:
+        time.sleep(0.3)
+        sent_a = time.monotonic()
+        probe.command("A")
+        time.sleep(0.3)  # A is running now (0.5 s sleep + inference)
+        for text in ("B", "C", "D", "E"):  # queue of 2: B and C are pushed out by D and E
+            probe.command(text)
+        assert wait_until(lambda: len(probe.masks) == 4, 40.0), probe.texts()
+        time.sleep(0.3)
+    gc.collect()
+    growth = rss_mb() - rss_before
+    stats = node.pipeline.stats()
+
+    texts = probe.texts()
+    assert "failed: command queue full (2): dropped the oldest command 'B'" in texts
+    assert "failed: command queue full (2): dropped the oldest command 'C'" in texts
+    assert stats.served - stats0.served == 3 and stats.commands_dropped == 2
+    assert len(probe.masks) == 4  # warm up, A, D, E; nothing else
+    # No backlog: each job took the newest frame when it started, never a queued old one.
+    a, d, e = probe.masks[1:]
+    sent = {f"f{i}": t for i, t in enumerate(stream.sent)}
+    assert sent_a - 0.2 <= sent[a.msg.header.frame_id] <= sent_a + 0.5
+    assert sent[d.msg.header.frame_id] >= a.t - 0.3
+    assert sent[e.msg.header.frame_id] >= d.t - 0.3
+    # Callbacks kept up during inference (they only decode and replace the one frame slot).
+    frames_in = stats.frames_received - stats0.frames_received
+    assert frames_in >= 0.5 * len(stream.sent), (frames_in, len(stream.sent))
+    assert stats.frames_dropped - stats0.frames_dropped >= frames_in - 5
+    assert growth < 50.0, f"RSS grew {growth:.1f} MB during a {len(stream.sent)}-frame flood"
+
+    # Model failures (a CUDA OOM, an exception) are reported and the next command is served.
+    with FrameStream(probe, 10.0, lambda i: frames[i % 4]):
+        n = len(probe.explanations)
+        probe.command("trigger out of memory")
+        assert probe.wait_explanations(n + 1)[-1].startswith(
+            "failed: out of memory while running the model (OutOfMemoryError: CUDA out of memory"
+        )
+        probe.command("please raise an error")
+        assert probe.wait_explanations(n + 2)[-1] == (
+            "failed: model error: RuntimeError: boom (command 'please raise an error')"
+        )
+        probe.command("the ball")
+        assert wait_until(lambda: len(probe.masks) == 5, 30.0), probe.texts()
+
+
+def test_continuous_mode_and_stop_command(ros: Ros, shared_model: Any) -> None:
+    node = ros.add(
+        SharedModelNode(
+            shared_model,
+            namespace="/lisa_cont",
+            context=ros.context,
+            parameter_overrides=params(
+                model=str(TINY), mode="segment", continuous=True, max_rate_hz=2.0
+            ),
+        )
+    )
+    probe = Probe(ros, "/lisa_cont", image_qos=qos_profile_sensor_data)
+    probe.connect(node)
+    rgb = ramp_image(seed=2)
+    with FrameStream(probe, 15.0, lambda i: encoded(rgb, "rgb8")[0]):
+        start = time.monotonic()
+        probe.command("the ball")
+        assert wait_until(lambda: len(probe.masks) >= 3, 30.0), probe.texts()
+        elapsed = time.monotonic() - start
+        stats = node.pipeline.stats()
+        assert stats.standing_runs >= 2
+        assert stats.served <= 1 + elapsed * 2.0 + 1  # at most max_rate_hz re-runs
+        ids = [int(r.msg.header.frame_id[1:]) for r in probe.masks]
+        assert ids == sorted(set(ids)), ids  # every run on a newer frame
+        n = len(probe.explanations)
+        probe.command("STOP ")
+        assert wait_until(lambda: any(t.startswith("stopped:") for t in probe.texts()[n:]), 10.0)
+        stopped = [t for t in probe.texts() if t.startswith("stopped:")]
+        assert stopped == ["stopped: ended standing command 'the ball', cancelled 0 waiting"]
+        # At most the run in flight when "stop" came may still finish; then masks stop for good
+        # while frames keep coming (a standing command would run again within an inference).
+        count = len(probe.masks)
+        assert wait_until(lambda: time.monotonic() - probe.masks[-1].t > 3.0, 12.0, 0.1)
+        assert len(probe.masks) - count <= 1, "standing command still running after stop"
+    assert node.pipeline.standing is None
+
+
+def test_lifecycle_transitions_load_serve_ignore_and_free(ros: Ros) -> None:
+    node = ros.add(
+        LisaNode(
+            namespace="/lisa_life",
+            context=ros.context,
+            parameter_overrides=params(
+                autostart=False, model=str(TINY), mode="segment", image_reliability="reliable"
+            ),
+        )
+    )
+    probe = Probe(ros, "/lisa_life")
+    assert node.state == "unconfigured" and node.model is None and node.pipeline is None
+    assert not [p for p in node.publishers if p.topic_name in probe.output_topics]
+
+    def call(srv_type: Any, name: str, request: Any) -> Any:
+        client = probe.node.create_client(srv_type, f"/lisa_life/lisa_node/{name}")
+        assert client.wait_for_service(10.0)
+        future = client.call_async(request)
+        assert wait_until(future.done, 30.0)
+        probe.node.destroy_client(client)
+        return future.result()
+
+    # configure through the lifecycle service, as `ros2 lifecycle set` does: loads the model.
+    request = ChangeState.Request(transition=Transition(id=Transition.TRANSITION_CONFIGURE))
+    assert call(ChangeState, "change_state", request).success
+    assert node.state == "inactive" and node.model is not None
+    model_ref = weakref.ref(node.model)
+
+    rgb = ramp_image(seed=4)
+    msg = encoded(rgb, "rgb8")[0]
+    assert wait_until(lambda: probe.image_pub.get_subscription_count() > 0, 10.0)
+    assert wait_until(lambda: probe.command_pub.get_subscription_count() > 0, 10.0)
+
+    def nothing_served(frame_id: str) -> None:
+        probe.frame(msg, frame_id)
+        probe.command("the red ball")
+        time.sleep(1.0)
+        assert probe.masks == [] and probe.explanations == [] and probe.overlays == []
+        stats = node.pipeline.stats()
+        assert (stats.frames_received, stats.commands_received) == (0, 0)
+
+    nothing_served("while_inactive")  # configured but not active: input is ignored
+
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    probe.connect(node)
+    probe.frame(msg, "while_active")
+    probe.command("the red ball")
+    assert wait_until(lambda: probe.mask_for("while_active") is not None, 20.0), probe.texts()
+    assert probe.wait_explanations(1) and len(probe.overlays) == 1
+
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    probe.clear()
+    stats0 = node.pipeline.stats()
+    probe.frame(msg, "after_deactivate")
+    probe.command("the red ball")
+    time.sleep(1.0)
+    assert probe.masks == [] and probe.explanations == [] and probe.overlays == []
+    stats = node.pipeline.stats()
+    assert (stats.frames_received, stats.commands_received) == (
+        stats0.frames_received,
+        stats0.commands_received,
+    )
+
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    assert node.model is None and node.pipeline is None and node.config is None
+    gc.collect()
+    assert model_ref() is None, "the model is still referenced after cleanup"
+    assert not [p for p in node.publishers if p.topic_name in probe.output_topics]
+    state = call(GetState, "get_state", GetState.Request()).current_state
+    assert state.label == "unconfigured"
+
+    assert node.trigger_shutdown() == TransitionCallbackReturn.SUCCESS
+    assert node.state == "finalized"

@@ -1,0 +1,282 @@
+"""lisa_node's parameters, params YAML, launch file and entry point.
+
+Bad parameter values fail ``configure`` with one log line naming the parameter and leave the node
+unconfigured; ``config/lisa_params.yaml`` holds exactly the declared parameters with their
+defaults; the launch file declares its arguments and holds no logic (launch/launch_ros are not
+installable here, so it is only parsed); ``main`` exits cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import array
+import ast
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 100)
+
+import pytest  # noqa: E402
+import rclpy  # noqa: E402
+import yaml  # noqa: E402
+from rclpy.context import Context  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from std_msgs.msg import String  # noqa: E402
+
+from lisa_ros.node import (  # noqa: E402
+    PARAMETERS,
+    LisaNode,
+    LisaNodeConfig,
+    ParameterError,
+    parameter_defaults,
+)
+from lisa_ros.pipeline import PipelineConfig  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests" / "fixtures" / "lisa_reference" / "lisa-tiny"
+PARAMS_YAML = REPO / "config" / "lisa_params.yaml"
+LAUNCH_FILE = REPO / "launch" / "lisa.launch.py"
+YAML_NODE_KEY = "/**/lisa_node"
+RCLPY_OWN = {"use_sim_time", "start_type_description_service"}  # declared by every rclpy node
+
+
+@pytest.fixture(scope="module")
+def context() -> Iterator[Context]:
+    ctx = Context()
+    rclpy.init(args=["--ros-args", "--disable-external-lib-logs"], context=ctx)
+    yield ctx
+    rclpy.shutdown(context=ctx)
+
+
+@pytest.fixture
+def make_node(context: Context) -> Iterator[Any]:
+    nodes: list[LisaNode] = []
+
+    def make(namespace: str = "/params", cli_args: list[str] | None = None, **values: Any):
+        overrides = [Parameter(k, value=v) for k, v in values.items()]
+        node = LisaNode(
+            namespace=namespace,
+            context=context,
+            parameter_overrides=overrides,
+            cli_args=cli_args,
+        )
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.destroy_node()
+
+
+BAD_VALUES = [
+    ({"max_rate_hz": -1.0}, "parameter 'max_rate_hz': max_rate_hz must be a finite number > 0"),
+    ({"mode": "fast"}, "parameter 'mode': 'fast' is not one of 'generate', 'segment'"),
+    ({"image_transport": "theora"}, "parameter 'image_transport': 'theora' is not one of"),
+    ({"image_reliability": "sometimes"}, "parameter 'image_reliability': 'sometimes' is not"),
+    ({"quantization": "3bit"}, "parameter 'quantization': '3bit' is not one of"),
+    ({"dtype": "int8"}, "parameter 'dtype': 'int8' is not one of"),
+    ({"max_new_tokens": "ten"}, "parameter 'max_new_tokens': expected an integer, got str"),
+    ({"queue_size": 0}, "parameter 'queue_size': queue_size must be an integer >= 1, got 0"),
+    ({"image_wait_timeout": float("nan")}, "parameter 'image_wait_timeout': image_wait_timeout"),
+    ({"continuous": 1}, "parameter 'continuous': expected a bool, got int 1"),
+    ({"explain": True, "mode": "segment"}, "parameter 'explain': explain=true needs mode"),
+    ({"device": "gpu"}, "parameter 'device': 'gpu' is not a torch device"),
+    ({"quantization": "8bit", "device": "cpu"}, "parameter 'quantization': 8bit needs a CUDA"),
+    (
+        {"model": "/nonexistent/lisa-7b"},
+        "parameter 'model': /nonexistent/lisa-7b: no such checkpoint directory",
+    ),
+    ({"model": str(REPO / "config")}, "not a LISA checkpoint (no config.json)"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_VALUES, ids=[str(v) for v, _ in BAD_VALUES])
+def test_bad_parameter_fails_configure_with_a_clear_log_line(
+    make_node, capfd, values: dict[str, Any], message: str
+) -> None:
+    node = make_node(autostart=False, **{"model": str(TINY), **values})
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert node.state == "unconfigured"
+    assert node.model is None and node.pipeline is None and node.config is None
+    assert node.last_error is not None and message in node.last_error, node.last_error
+    time.sleep(0.05)
+    err = capfd.readouterr().err
+    line = next((ln for ln in err.splitlines() if "configure failed" in ln), "")
+    assert "[ERROR]" in line and message in line, err
+
+
+def test_cuda_device_without_cuda_is_refused(make_node) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    node = make_node(autostart=False, model=str(TINY), device="cuda")
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert "parameter 'device': 'cuda' requested but CUDA is not available" in node.last_error
+
+
+def test_no_model_needs_the_embedded_demo_model(make_node) -> None:
+    from lisa_model.demo import DEMO_MODEL_DIR
+
+    if (DEMO_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the embedded demo model is installed")
+    node = make_node(autostart=False)  # model "" = the embedded demo model
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert "parameter 'model': no model given and the embedded demo model is not installed" in (
+        node.last_error
+    )
+
+
+def test_fixing_the_parameter_lets_configure_succeed(make_node) -> None:
+    node = make_node(autostart=False, model=str(TINY), mode="fast")
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    node.set_parameters([Parameter("mode", value="segment")])
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.state == "inactive" and node.model is not None
+    assert node.config.mode == "segment" and node.last_error is None
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    assert node.model is None and node.state == "unconfigured"
+
+
+def test_config_from_parameters_checks_types_and_converts_numbers() -> None:
+    assert LisaNodeConfig.from_parameters(parameter_defaults()) == LisaNodeConfig()
+    assert LisaNodeConfig().pipeline == PipelineConfig()
+    config = LisaNodeConfig.from_parameters(
+        {"max_rate_hz": 3, "quantization": "", "vision_tower": " ", "publish_overlay": False}
+    )
+    assert config.pipeline.max_rate_hz == 3.0 and isinstance(config.pipeline.max_rate_hz, float)
+    assert config.quantization is None and config.vision_tower is None
+    assert config.pipeline.overlay is False
+    for values, name in (
+        ({"queue_size": True}, "queue_size"),
+        ({"max_image_age": "1.0"}, "max_image_age"),
+        ({"model": None}, "model"),
+        ({"max_command_chars": 2.5}, "max_command_chars"),
+    ):
+        with pytest.raises(ParameterError) as info:
+            LisaNodeConfig.from_parameters(values)
+        assert info.value.name == name and f"parameter '{name}'" in str(info.value)
+
+
+def test_declared_parameters_are_described_and_equal_the_params_yaml(make_node) -> None:
+    node = make_node()  # autostart stays on, but the node is never spun
+    declared = {
+        name: p.value
+        for name, p in node.get_parameters_by_prefix("").items()
+        if name not in RCLPY_OWN
+    }
+    yaml_params = yaml.safe_load(PARAMS_YAML.read_text())[YAML_NODE_KEY]["ros__parameters"]
+    assert declared == parameter_defaults()
+    assert yaml_params == declared
+    for name, value in yaml_params.items():
+        assert type(value) is type(declared[name]), name  # 2 vs 2.0 matters to ROS
+        assert node.describe_parameter(name).description, f"{name} has no description"
+    assert [spec.name for spec in PARAMETERS] == list(declared)
+
+
+def test_params_yaml_applies_to_the_node_in_any_namespace(make_node, tmp_path: Path) -> None:
+    data = yaml.safe_load(PARAMS_YAML.read_text())
+    data[YAML_NODE_KEY]["ros__parameters"]["mode"] = "segment"
+    data[YAML_NODE_KEY]["ros__parameters"]["max_rate_hz"] = 7.5
+    custom = tmp_path / "params.yaml"
+    custom.write_text(yaml.safe_dump(data))
+    for namespace in ("/", "/robot/arm"):
+        node = make_node(
+            namespace=namespace, cli_args=["--ros-args", "--params-file", str(custom)]
+        )
+        assert node.get_parameter("mode").value == "segment"
+        assert node.read_config().pipeline.max_rate_hz == 7.5
+
+
+def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    def called(node: ast.Call) -> str:
+        func = node.func
+        return func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and called(n) == name]
+
+
+def test_launch_file_declares_its_arguments_and_holds_no_logic() -> None:
+    tree = ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
+    names = [c.args[0].value for c in _calls(tree, "DeclareLaunchArgument")]
+    assert sorted(names) == sorted(
+        ["model", "params_file", "namespace", "image_topic", "command_topic", "device"]
+    )
+    used = {c.args[0].value for c in _calls(tree, "LaunchConfiguration")}
+    assert used == set(names), "every argument is used, nothing undeclared is read"
+    (node_call,) = _calls(tree, "Node")
+    kwargs = {k.arg: k.value for k in node_call.keywords}
+    assert ast.literal_eval(kwargs["package"]) == "lisa_ros"
+    assert ast.literal_eval(kwargs["executable"]) == "lisa_node"
+    remapped = {ast.literal_eval(t.elts[0]) for t in kwargs["remappings"].elts}
+    assert remapped == {"image", "command"}
+    (share,) = _calls(tree, "PathJoinSubstitution")
+    assert ast.unparse(share) == (
+        "PathJoinSubstitution([FindPackageShare('lisa_ros'), 'config', 'lisa_params.yaml'])"
+    )
+    functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert functions == ["generate_launch_description"]
+    logic = (ast.If, ast.IfExp, ast.For, ast.While, ast.Try, ast.comprehension)
+    assert not [n for n in ast.walk(tree) if isinstance(n, logic)]
+    modules = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert modules <= {"launch", "launch_ros"}
+
+
+def test_main_runs_the_node_and_exits_cleanly_on_ctrl_c(context: Context) -> None:
+    """``python -m lisa_ros.node``: autostart loads the model and serves; SIGINT in the middle
+    of an inference ends it with status 0, the worker stopped and the model released, no
+    traceback, no abort."""
+    args = [sys.executable, "-m", "lisa_ros.node", "--ros-args"]
+    args += ["-p", f"model:={TINY}", "-p", "mode:=segment", "-r", "__ns:=/lisa_main_proc"]
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any("active: serving commands" in ln for ln in lines):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        # A frame and a command, then Ctrl-C while the worker runs the model.
+        probe = rclpy.create_node("main_probe", context=context)
+        image_pub = probe.create_publisher(Image, "/lisa_main_proc/image", 10)
+        command_pub = probe.create_publisher(String, "/lisa_main_proc/command", 10)
+        while image_pub.get_subscription_count() == 0 or command_pub.get_subscription_count() == 0:
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        image = Image(height=48, width=64, encoding="mono8", step=64)
+        image.header.stamp = probe.get_clock().now().to_msg()
+        image.data = array.array("B", bytes(48 * 64))
+        image_pub.publish(image)
+        command_pub.publish(String(data="the red ball"))
+        while not any("accepted command 1" in ln for ln in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, "".join(lines)
+        probe.destroy_node()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    output = "".join(lines)
+    assert "pipeline: served" in output  # cleanup ran
+    for bad in ("Traceback", "terminate called", "Aborted", "Segmentation fault"):
+        assert bad not in output, output
