@@ -61,16 +61,18 @@ from lisa_ros.pipeline import (
     EventKind,
     Failure,
     FailureKind,
+    ModeSegmenter,
     Outcome,
     Pipeline,
     PipelineConfig,
     Segmenter,
     Success,
+    event_text,
+    failure_text,
 )
 
 if TYPE_CHECKING:
     from lisa_model.modeling import LisaModel
-    from lisa_model.types import SegmentationResult
 
 NODE_NAME = "lisa_node"
 #: One log line per reason at most this often (the rest are counted and the count reported).
@@ -334,25 +336,6 @@ class LogThrottle:
 def _reason_key(kind: str, message: str) -> str:
     """Throttle key: the kind and the message with numbers blanked (sizes and ages vary)."""
     return f"{kind}:{re.sub(r'[0-9.]+', '#', message)}"
-
-
-class ModeSegmenter:
-    """A :class:`~lisa_ros.pipeline.Segmenter` over a ``LisaPredictor`` that answers in one
-    ``mode`` ("generate" or "segment"); masks ``(N, H, W)`` bool in the frame."""
-
-    def __init__(self, predictor: Any, mode: str) -> None:
-        self.predictor = predictor
-        self.mode = mode
-
-    def set_image(self, rgb: Any) -> None:
-        self.predictor.set_image(rgb)
-
-    def predict(
-        self, query: str, explain: bool = False, max_new_tokens: int = 64
-    ) -> SegmentationResult:
-        return self.predictor.predict(
-            query, explain=explain, max_new_tokens=max_new_tokens, mode=self.mode
-        )
 
 
 def _image_msg(fields: ImageFields, header: Any) -> Image:
@@ -730,11 +713,10 @@ class LisaNode(LifecycleNode):
             log.info(event.message)
             self._publish_explanation(event.message)
         else:  # rejected or dropped: a warning, and an answer on explanation for every one
-            message = event.message
-            if event.kind == EventKind.COMMAND_REJECTED:
-                message = "command " + message  # "command rejected: command is empty"
+            text = event_text(event) or f"failed: {event.message}"
+            message = text.removeprefix("failed: ")
             self._report(_reason_key(event.kind.value, message), message, publish=False)
-            self._publish_explanation(f"failed: {message}")
+            self._publish_explanation(text)
 
     def _report(self, key: str, message: str, publish: bool) -> None:
         """Warn (throttled per key); with ``publish``, also answer on explanation (same rate)."""
@@ -829,7 +811,7 @@ class LisaNode(LifecycleNode):
                 self.get_logger().warning(f"failed: {message}{suffix}")
         if failure.kind == FailureKind.OUT_OF_MEMORY:
             self._free_device_cache()
-        self._publish_explanation(f"failed: {message}")
+        self._publish_explanation(failure_text(failure))
 
     def _free_device_cache(self) -> None:
         device = getattr(self._model, "device", None)

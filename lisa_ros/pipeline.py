@@ -644,3 +644,35 @@ class Pipeline:
     def _wake_locked(self) -> None:
         self._woken = True
         self._input.notify_all()
+
+
+class ModeSegmenter:
+    """A ``LisaPredictor`` seen through the :class:`Segmenter` protocol, answering in one
+    ``mode`` (``"generate"`` or ``"segment"``); masks ``(N, H, W)`` bool in the frame."""
+
+    def __init__(self, predictor: Any, mode: str) -> None:
+        self.predictor, self.mode = predictor, mode
+
+    def set_image(self, rgb: np.ndarray) -> None:
+        self.predictor.set_image(rgb)
+
+    def predict(self, query: str, explain: bool = False, max_new_tokens: int = 64) -> Any:
+        return self.predictor.predict(
+            query, explain=explain, max_new_tokens=max_new_tokens, mode=self.mode
+        )
+
+
+def failure_text(failure: Failure) -> str:
+    """What the node publishes on ``explanation`` for a failed command."""
+    return f"failed: {failure.reason} (command {failure.command.text!r})"
+
+
+def event_text(event: Event) -> str | None:
+    """What the node publishes on ``explanation`` for a command event (None: nothing)."""
+    if event.kind == EventKind.STOPPED:
+        return event.message
+    if event.kind == EventKind.COMMAND_REJECTED:
+        return f"failed: command {event.message}"
+    if event.kind == EventKind.COMMAND_DROPPED:
+        return f"failed: {event.message}"
+    return None

@@ -87,14 +87,16 @@ from lisa_ros.conversion import (
 )
 from lisa_ros.pipeline import (
     Event,
-    EventKind,
     Failure,
+    ModeSegmenter,
     Outcome,
     Pipeline,
     PipelineConfig,
     PipelineStats,
     Segmenter,
     Success,
+    event_text,
+    failure_text,
 )
 
 log = logging.getLogger(__name__)
@@ -710,22 +712,6 @@ class ReplaySummary:
         return "\n".join(lines)
 
 
-def failure_text(failure: Failure) -> str:
-    """What the node publishes on ``explanation`` for a failed command."""
-    return f"failed: {failure.reason} (command {failure.command.text!r})"
-
-
-def event_text(event: Event) -> str | None:
-    """What the node publishes on ``explanation`` for a command event (None: nothing)."""
-    if event.kind == EventKind.STOPPED:
-        return event.message
-    if event.kind == EventKind.COMMAND_REJECTED:
-        return f"failed: command {event.message}"
-    if event.kind == EventKind.COMMAND_DROPPED:
-        return f"failed: {event.message}"
-    return None
-
-
 class _OutputBag:
     """The output topics (and copies of input connections) of a bag being written."""
 
@@ -1107,21 +1093,6 @@ def _mark_partial(
 
 
 # ---------------------------------------------------------------------------------- the CLI
-
-
-class ModeSegmenter:
-    """A ``LisaPredictor`` seen through the pipeline's ``Segmenter`` protocol, in one mode."""
-
-    def __init__(self, predictor: Any, mode: str) -> None:
-        self.predictor, self.mode = predictor, mode
-
-    def set_image(self, rgb: np.ndarray) -> None:
-        self.predictor.set_image(rgb)
-
-    def predict(self, query: str, explain: bool = False, max_new_tokens: int = 64) -> Any:
-        return self.predictor.predict(
-            query, explain=explain, max_new_tokens=max_new_tokens, mode=self.mode
-        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,10 +33,16 @@ from lisa_ros.demo_bag import (
     make_demo_bag,
 )
 from lisa_ros.demo_bag import main as demo_main
-from lisa_ros.pipeline import Failure, FailureKind, Pipeline, PipelineConfig, Success
+from lisa_ros.pipeline import (
+    Failure,
+    FailureKind,
+    ModeSegmenter,
+    Pipeline,
+    PipelineConfig,
+    Success,
+)
 from lisa_ros.replay import (
     InputBag,
-    ModeSegmenter,
     ReplayDriver,
     ReplayError,
     ReplayOptions,
