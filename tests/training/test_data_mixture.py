@@ -193,6 +193,10 @@ def test_build_dataset_from_a_paper_layout(tmp_path: Path) -> None:
         assert s.num_seg_tokens == s.masks.shape[0]
     again = build_dataset(cfg)
     assert [again[i].conversations for i in range(40)] == [s.conversations for s in samples]
+    # Sources span the epoch, so the same image drawn twice is not the same sample twice.
+    assert all(len(ds) == 40 for ds in mix.datasets.values())
+    picks = [mix.pick(i) for i in range(40)]
+    assert len(set(picks)) > 30
 
 
 def test_build_dataset_groups_sources_uniformly(tmp_path: Path) -> None:

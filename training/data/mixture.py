@@ -212,17 +212,25 @@ def _source_names(cfg: DataConfig, kind: str) -> list[str]:
 
 
 def _make_source(cfg: DataConfig, kind: str, name: str, seed: int) -> SampleDataset:
-    """One source dataset of type ``kind`` under ``cfg.dataset_dir``."""
+    """One source dataset of type ``kind`` under ``cfg.dataset_dir``.
+
+    Every source is as long as the epoch (its items wrap over its images), so the mixture's
+    uniform index rarely repeats within an epoch and a repeated image gets fresh draws (texts,
+    templates, answers), as the original's sampling does.
+    """
     root = Path(cfg.dataset_dir)
     k = cfg.num_classes_per_sample
+    n = cfg.samples_per_epoch
     if kind == "sem_seg":
-        return SemSegDataset(root, name, seed, k)
+        return SemSegDataset(root, name, seed, k, samples_per_epoch=n)
     if kind == "refer_seg":
-        return ReferSegDataset(root / "refer_seg", name, "train", seed, k)
+        return ReferSegDataset(root / "refer_seg", name, "train", seed, k, samples_per_epoch=n)
     if kind == "vqa":
-        return VQADataset(root, seed, name)
+        return VQADataset(root, seed, name, samples_per_epoch=n)
     folder, split = name.split("|")
-    return ReasonSegDataset(root / "reason_seg" / folder, split, seed, k, cfg.explanatory)
+    return ReasonSegDataset(
+        root / "reason_seg" / folder, split, seed, k, cfg.explanatory, samples_per_epoch=n
+    )
 
 
 def build_dataset(cfg: DataConfig) -> MixtureDataset:
