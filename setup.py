@@ -56,6 +56,8 @@ setup(
         "console_scripts": [
             "lisa-segment = lisa_model.cli.segment:main",
             "lisa-eval = training.evaluate:main",
+            "lisa-train = training.train:main",
+            "lisa-export = training.export:main",
             "lisa-make-shapes = training.shapes:main",
             "lisa-demo = lisa_model.cli.demo:main",
             "lisa_node = lisa_ros.node:main",

@@ -150,6 +150,11 @@ class LisaModel(nn.Module):
 
     ``tokenizer`` (a :class:`lisa_model.tokenizer.LisaTokenizer`) travels with the model because
     the ``[SEG]`` id and the prompt format are part of what the weights mean.
+
+    ``train_encoders``: ``False`` (the paper) runs the SAM image encoder and the CLIP tower with
+    its projector under ``torch.no_grad()`` in :meth:`forward`, so they never receive gradients;
+    ``True`` runs them with autograd on (their ``requires_grad`` flags then decide what trains),
+    e.g. for a small model trained from scratch. An attribute, not saved with the weights.
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class LisaModel(nn.Module):
         sam: nn.Module,
         tokenizer: object,
         loss_weights: LossWeights | None = None,
+        train_encoders: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -172,6 +178,7 @@ class LisaModel(nn.Module):
         self.sam = sam
         self.tokenizer = tokenizer
         self.loss_weights = loss_weights or LossWeights()
+        self.train_encoders = bool(train_encoders)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -220,12 +227,34 @@ class LisaModel(nn.Module):
         ``P = num_image_tokens``; features of layer ``mm_vision_select_layer`` with CLS dropped.
         """
         dtype = next(self.vision_tower.parameters()).dtype
-        out = self.vision_tower(
-            pixel_values.to(device=self.device, dtype=dtype), output_hidden_states=True
-        )
-        feats = out.hidden_states[self.config.mm_vision_select_layer][:, 1:]  # (B, P, C)
+        hidden = self.clip_hidden_states(pixel_values.to(device=self.device, dtype=dtype))
+        feats = hidden[:, 1:]  # (B, P, C)
         proj_dtype = next(self.mm_projector.parameters()).dtype
         return self.mm_projector(feats.to(proj_dtype)).to(self.dtype)
+
+    def clip_hidden_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP hidden states of layer ``mm_vision_select_layer``, CLS included: ``(B, 1+P, C)``.
+
+        Entry ``i`` of CLIP's ``hidden_states`` tuple is the input of encoder layer ``i``, so
+        only the first ``i`` layers run (the published select layer -2 skips the last one).
+        Towers without the ``transformers`` CLIP layout run whole with ``output_hidden_states``.
+        """
+        tower = self.vision_tower
+        select = self.config.mm_vision_select_layer
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if not (hasattr(tower, "embeddings") and hasattr(tower, "pre_layrnorm") and layers):
+            return tower(pixel_values, output_hidden_states=True).hidden_states[select]
+        count = len(layers) + 1  # entries of the hidden_states tuple
+        if not -count <= select < count:
+            raise ValueError(
+                f"mm_vision_select_layer {select} is outside CLIP's {count} hidden states"
+            )
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        for layer in layers[: select % count]:
+            hidden = layer(hidden, None)
+            if isinstance(hidden, tuple):  # layers of older transformers return tuples
+                hidden = hidden[0]
+        return hidden
 
     def encode_sam(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 1024, 1024)`` normalised, padded images -> ``(B, 256, 64, 64)`` embeddings.
@@ -324,8 +353,10 @@ class LisaModel(nn.Module):
         dtype = self.sam_dtype
         prompt_encoder = self.sam.prompt_encoder
         n = prompts.shape[0]
-        sparse = prompts.to(dtype).unsqueeze(1)  # (N, 1, 256)
         h, w = prompt_encoder.image_embedding_size
+        if n == 0:  # an image whose answers hold no [SEG] (absent target, text only)
+            return prompts.new_zeros((0, 4 * h, 4 * w), dtype=dtype)
+        sparse = prompts.to(dtype).unsqueeze(1)  # (N, 1, 256)
         dense = prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1)
         dense = dense.expand(n, -1, h, w)  # (N, 256, h, w)
         low_res, _ = self.sam.mask_decoder(
@@ -370,9 +401,10 @@ class LisaModel(nn.Module):
                 f"{n_img} images in offsets but {images_clip.shape[0]} CLIP and "
                 f"{images_sam.shape[0]} SAM inputs"
             )
-        with torch.no_grad():
-            image_embeddings = self.encode_sam(images_sam)  # (B_img, 256, 64, 64), frozen
-            clip_feats = self.encode_clip(images_clip)  # (B_img, P, H), frozen
+        # Frozen (the paper) unless train_encoders.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoders):
+            image_embeddings = self.encode_sam(images_sam)  # (B_img, 256, 64, 64)
+            clip_feats = self.encode_clip(images_clip)  # (B_img, P, H)
         counts = torch.tensor([offsets[i + 1] - offsets[i] for i in range(n_img)])
         row_feats = clip_feats.repeat_interleave(counts.to(clip_feats.device), dim=0)
         input_ids = input_ids.to(self.device)

@@ -1,0 +1,130 @@
+"""``lisa-train``: fine-tune LISA with DeepSpeed from a YAML config.
+
+Examples::
+
+    lisa-train --config training/configs/finetune_lisa.yaml data.dataset_dir=/data
+    deepspeed --num_gpus 8 --module training.train --config training/configs/lisa_7b_paper.yaml
+    torchrun --nproc_per_node 8 -m training.train --config training/configs/lisa_7b_paper.yaml
+    lisa-train --config cfg.yaml --resume            # continue run.output_dir's latest checkpoint
+    lisa-train --resume runs/my-run optim.epochs=12  # config from runs/my-run/run.json
+
+Overrides are ``section.key=value`` (values parsed as YAML); put them before a bare
+``--resume`` or write ``--resume=DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lisa_model.config import CheckpointError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lisa-train",
+        description="Fine-tune LISA (LoRA + mask decoder) with DeepSpeed.",
+        epilog="Launch on several GPUs/nodes with `deepspeed` or `torchrun` (docs/training.md).",
+    )
+    parser.add_argument("--config", type=Path, help="YAML run config (training/configs/*.yaml)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="continue from the latest checkpoint of DIR (a run directory; default: "
+        "run.output_dir of --config). Without --config the run's own run.json is used.",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps in all (smoke tests; the schedule is kept)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and the DeepSpeed config, then exit",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="DeepSpeed info logs")
+    # The deepspeed launcher passes --local_rank; the process reads LOCAL_RANK from the env.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    from training.config import (
+        ConfigError,
+        deepspeed_config,
+        dump_config,
+        load_config,
+        with_absolute_paths,
+    )
+    from training.data.types import DataFormatError
+
+    try:
+        if args.config is not None:
+            cfg = load_config(args.config, args.overrides)
+        elif args.resume:
+            from training.engine import config_of_run, resolve_checkpoint_dir
+
+            cfg = config_of_run(resolve_checkpoint_dir(args.resume).parent, args.overrides)
+        else:
+            print("lisa-train: error: --config is required (or --resume DIR)", file=sys.stderr)
+            return 2
+        if args.print_config:
+            import torch
+
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            print(dump_config(with_absolute_paths(cfg)), end="")
+            precision = cfg.run.resolved_precision(device)
+            print(f"# DeepSpeed config ({precision} on {device.type}):")
+            print(json.dumps(deepspeed_config(cfg, precision), indent=2))
+            return 0
+        if not args.verbose:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+        from training.engine import Trainer, seconds_per_step
+
+        resume = None
+        if args.resume is not None:
+            resume = args.resume or cfg.run.output_dir
+        trainer = Trainer(cfg, resume=resume)
+    except (ConfigError, CheckpointError, DataFormatError, FileNotFoundError) as exc:
+        print(f"lisa-train: error: {exc}", file=sys.stderr)
+        return 2
+    except (FileExistsError, ValueError) as exc:  # a run directory in use, a resume mismatch
+        print(f"lisa-train: error: {exc}", file=sys.stderr)
+        return 2
+
+    result = trainer.fit(max_steps=args.max_steps)
+    trainer.close()
+    if trainer.ctx.is_main:
+        best = "n/a" if result.best_giou is None else f"{result.best_giou:.4f}"
+        print(
+            f"lisa-train: {result.global_step} steps ({seconds_per_step(result):.2f} s/step), "
+            f"best gIoU {best}; run directory {result.output_dir}\n"
+            f"export: lisa-export {result.output_dir} --out <DIR>"
+        )
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
