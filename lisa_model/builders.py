@@ -7,6 +7,8 @@ the same path real checkpoints take. Published shapes are available as ``LISA_7B
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +125,7 @@ def build_clip(spec: ModelSpec) -> torch.nn.Module:
         patch_size=spec.clip_patch_size,
         projection_dim=spec.clip_hidden,
         hidden_act="quick_gelu",
+        attn_implementation="sdpa",
     )
     return CLIPVisionModel(cfg).eval()
 
@@ -135,11 +138,18 @@ def build_lisa(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> LisaModel:
-    """A LISA model of ``spec`` with random weights (seeded), vocabulary ``len(tokenizer)``."""
+    """A LISA model of ``spec`` with random weights (seeded), vocabulary ``len(tokenizer)``.
+
+    Parameters are created directly on ``device`` in ``dtype`` (a 7B model in bf16 is built on
+    the GPU without a float32 or host copy). ``device="meta"`` gives shapes only (sizes, counts).
+    Float32 on the CPU gives the same weights as always for a given seed.
+    """
     from transformers import LlamaForCausalLM
 
+    device = torch.device(device)
     config = LisaConfig(raw=published_config(spec, len(tokenizer)))
-    with torch.random.fork_rng(devices=[]):
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), device, _default_dtype(dtype):
         torch.manual_seed(seed)
         llm = LlamaForCausalLM(config.llm_config())
         clip = build_clip(spec)
@@ -151,6 +161,17 @@ def build_lisa(
     clip.requires_grad_(False)
     model = LisaModel(config, llm, clip, mm_projector, seg_projector, sam, tokenizer)
     return model.to(device=device, dtype=dtype).eval()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating tensors created inside default to ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -194,7 +194,7 @@ def load_vision_tower(name: str, dtype: torch.dtype) -> nn.Module:
 
     hf_logging.disable_progress_bar()
     try:
-        tower = CLIPVisionModel.from_pretrained(name, dtype=dtype)
+        tower = CLIPVisionModel.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
     except OSError as exc:
         raise CheckpointError(
             f"CLIP vision tower {name!r} not found locally or in the hub cache ({exc}). "

@@ -101,6 +101,7 @@ class LisaConfig:
 
         Only the LLaMA fields are passed on. RoPE frequencies are computed from ``rope_theta``
         (stored ``inv_freq`` buffers are bf16-rounded and ignored, as the original does).
+        Attention runs through ``torch.nn.functional.scaled_dot_product_attention`` (``sdpa``).
         """
         from transformers import LlamaConfig
 
@@ -131,6 +132,7 @@ class LisaConfig:
             eos_token_id=r.get("eos_token_id", 2),
             pad_token_id=r.get("pad_token_id", 0),
             use_cache=True,
+            attn_implementation="sdpa",
         )
 
     # ------------------------------------------------------------------ vision

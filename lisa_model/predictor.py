@@ -57,6 +57,8 @@ class LisaPredictor:
         template: chat template; defaults to the checkpoint's (``llava_v1``).
         cache_prefix: keep the prompt prefix's KV cache per frame (on by default).
         sync_timings: synchronise CUDA around stages so ``timings`` are exact (slower).
+        compile: ``torch.compile`` the model's fixed-shape image encoders in place
+            (:func:`lisa_model.speed.compile_model`); worth it on a GPU, slow to warm up.
     """
 
     def __init__(
@@ -65,7 +67,12 @@ class LisaPredictor:
         template: str | None = None,
         cache_prefix: bool = True,
         sync_timings: bool = False,
+        compile: bool = False,
     ) -> None:
+        if compile:
+            from lisa_model.speed import compile_model
+
+            compile_model(model)
         self.model = model
         self.template = template or model.config.conv_template
         self.cache_prefix = cache_prefix

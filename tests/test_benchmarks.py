@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end (CPU, tiny model) and print their tables.
+
+No timing is asserted: only that they run, print what they promise, and that what they
+measure is what they claim (forced answer lengths, ids equal to the original's decoding).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_model_speed_quick(tmp_path):
+    out_json = tmp_path / "speed.json"
+    out = run_script("model_speed.py", "--quick", "--threads", "1", "--json", str(out_json))
+    assert "| model | path | latency ms (median) | p95 | speedup vs original |" in out
+    for path in ("original", "kv-cache", "fast", "kv-cache 2nd+", "fast 2nd+"):
+        assert f"| tiny | {path} |" in out
+    assert "## Ratios and targets" in out
+    assert "| stage | ms (median) |" in out and "sam image encoder" in out
+    assert "generated ids identical to the original's: True" in out
+    result = json.loads(out_json.read_text())["sizes"][0]
+    assert result["name"] == "tiny" and result["same_ids_as_original"]
+    paths = result["paths"]
+    for name in ("original", "kv-cache", "kv-cache 2nd+"):
+        assert paths[name]["new_tokens"] and set(paths[name]["new_tokens"]) == {32}
+        assert set(paths[name]["masks"]) == {1}  # one planted [SEG] per answer
+    assert set(paths["fast"]["masks"]) == {1}
+    for key in ("kv_vs_original", "fast_vs_original", "second_vs_first_fast", "memory_factor"):
+        assert result["ratios"][key] > 0
+
+
+def test_model_speed_rejects_unknown_size():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "model_speed.py"), "--sizes", "huge"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "unknown sizes ['huge']" in proc.stderr
+
+
+def test_gpu_benchmark_dry_run_on_cpu():
+    out = run_script(
+        "gpu_benchmark.py", "--device", "cpu", "--sizes", "tiny", "--quick", "--threads", "1"
+    )
+    assert "| card | model | precision | path | latency ms (median) |" in out
+    for path in ("set_image", "fast, new frame", "fast, same frame", "32-token answer"):
+        assert f"| tiny | float32 | {path} |" in out
+    assert "tiny 4bit: skipped" in out
+    # The published shapes fit an 80 GB card in bf16 (meta-device build, no memory used).
+    assert "| 7b | 7.70 B |" in out and "| 13b | 13.99 B |" in out
+    fits = [line for line in out.splitlines() if line.startswith(("| 7b |", "| 13b |"))]
+    assert len(fits) == 2 and all(line.rstrip().endswith("| yes |") for line in fits)
