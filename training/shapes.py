@@ -1542,9 +1542,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=min(4, os.cpu_count() or 1),
         help="generating processes (output does not depend on it; default: min(4, CPUs))",
     )
+    parser.add_argument(
+        "--objects",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        default=(ShapesConfig.min_objects, ShapesConfig.max_objects),
+        help="objects per scene (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
+        config = ShapesConfig(min_objects=args.objects[0], max_objects=args.objects[1])
         summary = write_dataset(
             args.out,
             {"train": args.train, "val": args.val, "test": args.test},
@@ -1553,6 +1562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_format=args.image_format,
             jpeg_quality=args.jpeg_quality,
             absent_json_rate=args.absent_json_rate,
+            config=config,
             workers=args.workers,
             progress=not args.no_progress,
         )

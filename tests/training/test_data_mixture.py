@@ -235,3 +235,35 @@ def test_build_val_dataset(tmp_path: Path) -> None:
     assert isinstance(refer, ReferSegValDataset) and refer[0].texts == ["left cup"]
     with pytest.raises(ValueError, match="expected 'ReasonSeg|val'"):
         build_val_dataset(tmp_path, "ReasonSeg")
+
+
+def test_build_dataset_with_the_shapes_query_set(tmp_path: Path) -> None:
+    from training import shapes
+
+    shapes.write_dataset(tmp_path / "reason_seg" / "Shapes", {"train": 3, "val": 1}, seed=0)
+    cfg = DataConfig(
+        str(tmp_path),
+        datasets="shapes||reason_seg",
+        sample_rates="1,1",
+        shapes_data="Shapes|train",
+        reason_seg_data="Shapes|train",
+        shapes_absent=0.0,
+        shapes_answers="0,0,0,1",  # every present answer terse: "Green [SEG]."
+        explanatory=-1,
+        samples_per_epoch=20,
+    )
+    mix = build_dataset(cfg)
+    samples = [mix[i] for i in range(20)]
+    shaped = [s for s in samples if s.source == "shapes"]
+    assert shaped and {s.source for s in samples} == {"shapes", "reason_seg"}
+    for s in shaped:
+        answers = [conv[0][1] for conv in s.conversations]
+        assert len(answers) == 3 and all(a.count("[SEG]") == 1 for a in answers)
+        assert all(not a.startswith(("It is", "Sure")) for a in answers), answers
+        assert s.masks.shape[0] == 3
+    # The validation set of the same folder is the ReasonSeg one (json queries).
+    assert len(build_val_dataset(tmp_path, "Shapes|val")) >= 1
+    with pytest.raises(ValueError, match="shapes_answers"):
+        DataConfig(str(tmp_path), datasets="shapes", sample_rates="1", shapes_answers="0.5,0.5")
+    with pytest.raises(ValueError, match="shapes_data"):
+        DataConfig(str(tmp_path), datasets="shapes", sample_rates="1", shapes_data="Shapes")

@@ -18,10 +18,11 @@ import numpy as np
 from training.data.reason_seg import ReasonSegDataset, ReasonSegValDataset
 from training.data.refer_seg import REFER_DATASETS, ReferSegDataset, ReferSegValDataset
 from training.data.sem_seg import SEM_SEG_SOURCES, SemSegDataset
+from training.data.shapes_queries import ShapesQueryDataset, ShapesQueryMix
 from training.data.types import DataFileNotFoundError, Sample, check_index, item_rng
 from training.data.vqa import VQADataset
 
-DATASET_TYPES = ("sem_seg", "refer_seg", "vqa", "reason_seg")
+DATASET_TYPES = ("sem_seg", "refer_seg", "vqa", "reason_seg", "shapes")
 
 
 class SampleDataset(Protocol):
@@ -125,12 +126,23 @@ class DataConfig:
     Attributes:
         dataset_dir: the root holding ``ade20k/``, ``coco/``, ``refer_seg/``, ``reason_seg/``...
         datasets: ``||``-separated types out of ``sem_seg``, ``refer_seg``, ``vqa``,
-            ``reason_seg``.
+            ``reason_seg``, ``shapes`` (the synthetic data's full query set, see
+            :mod:`training.data.shapes_queries`).
         sample_rates: one weight per type (``"9,3,3,1"`` or a sequence).
         sem_seg_data: ``||``-separated semantic-segmentation sources.
         refer_seg_data: ``||``-separated REFER datasets (train split each).
         vqa_data: JSON stem under ``llava_dataset/``.
         reason_seg_data: ``"<folder>|<split>[_<split>...]"`` under ``reason_seg/``.
+        shapes_data: ``"<folder>|<split>"`` under ``reason_seg/`` of a ``lisa-make-shapes``
+            data set (its ``<split>/queries.jsonl``).
+        shapes_absent: probability of an absent-target conversation in ``shapes`` samples.
+        shapes_groups: weights of the present-target query groups of ``shapes`` samples
+            (explicit, reasoning phrase, reasoning sentence).
+        shapes_concepts: ``||``-separated query concepts ``shapes`` samples are drawn from
+            (e.g. ``"colour||colour_knowledge"``); empty: all.
+        shapes_answers: probabilities of the ``segment``, ``plain``, ``concept`` and ``terse``
+            answer styles of ``shapes`` samples (the rest: the query's own answer), see
+            :class:`~training.data.shapes_queries.ShapesQueryMix`.
         explanatory: probability of text-only explanatory answers, -1 to disable.
         num_classes_per_sample: classes/sentences (conversations) per image, at most.
         seed: base seed of every generator.
@@ -144,6 +156,11 @@ class DataConfig:
     refer_seg_data: str = "refclef||refcoco||refcoco+||refcocog"
     vqa_data: str = "llava_instruct_150k"
     reason_seg_data: str = "ReasonSeg|train"
+    shapes_data: str = "Shapes|train"
+    shapes_absent: float = 0.2
+    shapes_groups: str | Sequence[float] = (0.2, 0.4, 0.4)
+    shapes_concepts: str = ""
+    shapes_answers: str | Sequence[float] = (0.0, 0.5, 0.0, 0.0)
     explanatory: float = 0.1
     num_classes_per_sample: int = 3
     seed: int = 0
@@ -174,6 +191,11 @@ class DataConfig:
                 f"reason_seg_data {self.reason_seg_data!r}: expected '<folder>|<split>', "
                 "e.g. 'ReasonSeg|train'"
             )
+        if "shapes" in types and len(self.shapes_data.split("|")) != 2:
+            raise ValueError(
+                f"shapes_data {self.shapes_data!r}: expected '<folder>|<split>', "
+                "e.g. 'Shapes|train'"
+            )
         if self.explanatory != -1 and not 0.0 <= self.explanatory <= 1.0:
             raise ValueError(f"explanatory must be in [0, 1] or -1, got {self.explanatory}")
         if self.num_classes_per_sample < 1:
@@ -183,6 +205,9 @@ class DataConfig:
         if self.samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
 
+        self.shapes_answers = parse_rates(self.shapes_answers)
+        self.shapes_groups = parse_rates(self.shapes_groups)
+        self.shapes_mix()  # validates the shapes options
         for field in ("datasets", "sem_seg_data", "refer_seg_data"):
             names = _split_options(getattr(self, field))
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -194,6 +219,25 @@ class DataConfig:
     @property
     def dataset_types(self) -> list[str]:
         return _split_options(self.datasets)
+
+    def shapes_mix(self) -> ShapesQueryMix:
+        """The conversation mix of ``shapes`` samples."""
+        if len(self.shapes_answers) != 4:
+            raise ValueError(
+                f"shapes_answers {self.shapes_answers}: expected four probabilities "
+                "(segment, plain, concept, terse)"
+            )
+        segment, plain, concept, terse = self.shapes_answers
+        return ShapesQueryMix(
+            absent=self.shapes_absent,
+            present_weights=tuple(self.shapes_groups),
+            concepts=tuple(_split_options(self.shapes_concepts)),
+            segment_answer=segment,
+            plain_answer=plain,
+            concept_answer=concept,
+            terse_answer=terse,
+            explain=max(self.explanatory, 0.0),
+        )
 
 
 def _sub_seed(seed: int, *keys: int) -> int:
@@ -208,6 +252,8 @@ def _source_names(cfg: DataConfig, kind: str) -> list[str]:
         return _split_options(cfg.refer_seg_data)
     if kind == "vqa":
         return [cfg.vqa_data]
+    if kind == "shapes":
+        return [cfg.shapes_data]
     return [cfg.reason_seg_data]
 
 
@@ -228,6 +274,10 @@ def _make_source(cfg: DataConfig, kind: str, name: str, seed: int) -> SampleData
     if kind == "vqa":
         return VQADataset(root, seed, name, samples_per_epoch=n)
     folder, split = name.split("|")
+    if kind == "shapes":
+        return ShapesQueryDataset(
+            root / "reason_seg" / folder, split, seed, k, cfg.shapes_mix(), samples_per_epoch=n
+        )
     return ReasonSegDataset(
         root / "reason_seg" / folder, split, seed, k, cfg.explanatory, samples_per_epoch=n
     )
