@@ -145,7 +145,10 @@ class TrainableConfig:
 
     Attributes:
         lora: LoRA adapters on the LLM (``lora.*``); false trains the whole LLM (tiny models
-            trained from scratch).
+            trained from scratch) unless ``llm_layers`` is false.
+        llm_layers: with ``lora`` false, whether the LLM's decoder layers and final norm train
+            (false: a stage that trains only the parts named below, e.g. the demo model's first
+            stage, where SAM learns to read ``[SEG]`` prompts from a fixed LLM).
         lm_head / embed_tokens: the LLM's output and input embeddings, in full.
         mask_decoder: SAM's mask decoder, in full.
         seg_projector: the ``[SEG]`` projector (published ``text_hidden_fcs``), in full.
@@ -154,6 +157,7 @@ class TrainableConfig:
     """
 
     lora: bool = True
+    llm_layers: bool = True
     lm_head: bool = True
     embed_tokens: bool = True
     mask_decoder: bool = True

@@ -222,7 +222,8 @@ def set_trainable(model: LisaModel, cfg: TrainConfig) -> list[str]:
     """Freeze everything, then unfreeze what ``cfg.train`` names; returns trainable names.
 
     With ``train.lora`` only the adapters of the LLM train (plus ``lm_head``/``embed_tokens`` if
-    set); without, the whole LLM trains.
+    set); without, the whole LLM trains (its decoder layers and final norm only when
+    ``train.llm_layers``).
     """
     flags = cfg.train
     prefixes = tuple(
@@ -233,7 +234,7 @@ def set_trainable(model: LisaModel, cfg: TrainConfig) -> list[str]:
         if flags.lora:
             train = "lora_" in name or name.startswith(prefixes)
         else:
-            train = name.startswith(("llm.", *prefixes))
+            train = (flags.llm_layers and name.startswith("llm.")) or name.startswith(prefixes)
         param.requires_grad_(train)
         if train:
             names.append(name)

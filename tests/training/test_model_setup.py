@@ -125,9 +125,15 @@ def test_switches_train_the_whole_llm_and_the_encoders(tmp_path):
     )
     assert not model.llm.lm_head.weight.requires_grad
     assert not any(p.requires_grad for p in model.sam.mask_decoder.parameters())
-    assert set(TRAINABLE_PREFIXES) | {"lora"} == {
+    assert set(TRAINABLE_PREFIXES) | {"lora", "llm_layers"} == {
         f for f in train_config(FIXTURE, tmp_path, tmp_path).train.__dataclass_fields__
     }
+    # A stage with the LLM fixed: only the named parts train (the demo model's first stage).
+    stage = {**switches, "llm_layers": False, "lm_head": False, "embed_tokens": False}
+    model, _ = prepare_model_for_training(config(FIXTURE, tmp_path, train=stage))
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    assert all(p.requires_grad for p in model.sam.parameters())
+    assert all(p.requires_grad for p in model.seg_projector.parameters())
 
 
 def test_switched_on_encoders_receive_gradients(tmp_path):
