@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all demo lint clean
+.PHONY: venv test test-all demo demo-model lint clean
 
 $(STAMP): setup.py constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,31 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lisa-demo --out demo_out
+	rm -rf demo_out/demo_bag_lisa demo_out/demo_bag_overlays
+	$(VENV)/bin/lisa-replay examples/demo_bag --out demo_out/demo_bag_lisa \
+		--overlays demo_out/demo_bag_overlays
+
+# Retrain the embedded demo model from scratch (about 30 min on 2 CPU cores), see README.
+DEMO_WORK ?= runs/demo-model
+demo-model: $(STAMP)
+	rm -rf $(DEMO_WORK)
+	$(VENV)/bin/lisa-make-shapes --out $(DEMO_WORK)/data/reason_seg/Shapes \
+		--train 3000 --val 100 --test 200 --objects 2 4 --seed 0
+	$(PY) -m training.demo_model init --data $(DEMO_WORK)/data/reason_seg/Shapes \
+		--out $(DEMO_WORK)/init
+	$(VENV)/bin/lisa-train --config training/configs/shapes_demo_stage1.yaml \
+		model.source=$(DEMO_WORK)/init data.dataset_dir=$(DEMO_WORK)/data \
+		run.output_dir=$(DEMO_WORK)/stage1/run
+	$(VENV)/bin/lisa-export $(DEMO_WORK)/stage1/run --out $(DEMO_WORK)/stage1/model --dtype float32
+	$(VENV)/bin/lisa-train --config training/configs/shapes_demo.yaml \
+		model.source=$(DEMO_WORK)/stage1/model data.dataset_dir=$(DEMO_WORK)/data \
+		run.output_dir=$(DEMO_WORK)/run
+	$(VENV)/bin/lisa-export $(DEMO_WORK)/run --out $(DEMO_WORK)/model
+	$(VENV)/bin/lisa-eval --model $(DEMO_WORK)/model --data $(DEMO_WORK)/data/reason_seg/Shapes \
+		--split test --out $(DEMO_WORK)/eval_test.json
+	$(PY) -m training.demo_model eval --model $(DEMO_WORK)/model \
+		--data $(DEMO_WORK)/data/reason_seg/Shapes --split test --max-images 30 --record
+	@echo "new demo model in $(DEMO_WORK)/model (copy it to lisa_model/data/demo_model to ship it)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,220 @@
+"""The demo model's starting point: tokenizer on the shapes vocabulary, initial checkpoint,
+trainable encoders, and the size budget of the demo spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lisa_model.builders import ModelSpec, build_lisa
+from lisa_model.checkpoint import load_lisa
+from lisa_model.prompts import SEG_TOKEN
+from lisa_model.sam import SamGeometry
+from training import demo_model as D
+from training import shapes as S
+from training.collate import Collator
+from training.data.shapes_queries import ShapesQueriesFile, ShapesQueryDataset, ShapesQueryMix
+
+VOCAB = 600  # what a 3-image data set supports (the demo uses DEMO_VOCAB_SIZE)
+SMALL_SPEC = ModelSpec(
+    clip_patch_size=28,
+    sam=SamGeometry(
+        img_size=256, embed_dim=32, depth=1, num_heads=2, window_size=8, global_attn_indexes=(0,)
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    S.write_dataset(out, {"train": 3, "val": 1}, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def initial_checkpoint(data_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "init"
+    return D.build_initial_demo_checkpoint(out, data_dir, spec=SMALL_SPEC, vocab_size=VOCAB)
+
+
+def test_tokenizer_is_trained_on_the_data(data_dir: Path) -> None:
+    tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
+    again = D.train_demo_tokenizer(data_dir, VOCAB)
+    assert len(tokenizer) == VOCAB + 4
+    assert tokenizer.seg_token_id == VOCAB + 3  # LISA-7B-v1 order: [SEG] is the last token
+    sidecar = ShapesQueriesFile(data_dir / "train" / "queries.jsonl")
+    for query in sidecar.record(0).queries:
+        for text in (*query.texts, query.answer, query.explanation):
+            pieces = tokenizer.tokenize(text)
+            # Every character of the data is a piece of its own or better: no byte fallback.
+            assert not [p for p in pieces if p.startswith("<0x")], (text, pieces)
+            assert tokenizer.encode(text) == again.encode(text)
+    assert tokenizer.encode("Sure, it is the red circle [SEG].").count(tokenizer.seg_token_id) == 1
+    # Template words are whole pieces: the system prompt is short in tokens.
+    assert len(tokenizer.tokenize("A chat between a curious human")) <= 6
+
+
+def test_corpus_starts_with_the_templates(data_dir: Path) -> None:
+    corpus = list(D.demo_corpus(data_dir))
+    assert corpus[0].startswith("A chat between a curious human")
+    assert (
+        sum(c.startswith("Please output segmentation mask") for c in corpus) >= D.TEMPLATE_REPEATS
+    )
+    texts = {
+        t
+        for q in ShapesQueriesFile(data_dir / "train" / "queries.jsonl").record(2).queries
+        for t in q.texts
+    }
+    assert texts <= set(corpus)
+
+
+def test_initial_checkpoint_loads_and_every_part_trains(
+    initial_checkpoint: Path, data_dir: Path
+) -> None:
+    model = load_lisa(initial_checkpoint)
+    assert model.sam_image_size == 256 and model.num_image_tokens == 64
+    assert len(model.tokenizer) == VOCAB + 4
+    assert model.train_encoders is False  # the paper's default
+    mix = ShapesQueryMix(absent=0.3)
+    samples = [ShapesQueryDataset(data_dir, "train", mix=mix)[i] for i in range(3)]
+    collate = Collator(
+        model.tokenizer, num_image_tokens=model.num_image_tokens, sam_image_size=256
+    )
+    batch = collate(samples)
+
+    def grads(train_encoders: bool) -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        model.requires_grad_(True)
+        model.train_encoders = train_encoders
+        out = model(
+            batch.images_clip, batch.images_sam, batch.input_ids, batch.offsets,
+            batch.resize_sizes, batch.original_sizes, batch.attention_mask, batch.labels,
+            batch.gt_masks,
+        )  # fmt: skip
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        return {
+            "sam_encoder": model.sam.image_encoder.patch_embed.proj.weight.grad,
+            "clip": model.vision_tower.embeddings.patch_embedding.weight.grad,
+            "mm_projector": model.mm_projector.weight.grad,
+            "mask_decoder": model.sam.mask_decoder.iou_token.weight.grad,
+            "llm": model.llm.model.layers[0].self_attn.q_proj.weight.grad,
+        }
+
+    frozen = grads(False)
+    assert frozen["sam_encoder"] is None and frozen["clip"] is None
+    assert frozen["mm_projector"] is None
+    assert frozen["llm"] is not None and frozen["llm"].abs().sum() > 0
+    trained = grads(True)
+    for name, grad in trained.items():
+        if name != "mask_decoder":  # the IoU token feeds only the unused IoU head
+            assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_images_without_any_seg_go_through_forward(initial_checkpoint: Path, data_dir) -> None:
+    model = load_lisa(initial_checkpoint)
+    mix = ShapesQueryMix(absent=1.0)  # every answer says "There is no ..."
+    samples = [ShapesQueryDataset(data_dir, "train", mix=mix)[i] for i in range(2)]
+    assert all(s.masks.shape[0] == 0 for s in samples)
+    collate = Collator(model.tokenizer, num_image_tokens=64, sam_image_size=256)
+    batch = collate(samples)
+    assert SEG_TOKEN not in " ".join(batch.conversations)
+    out = model(
+        batch.images_clip, batch.images_sam, batch.input_ids, batch.offsets,
+        batch.resize_sizes, batch.original_sizes, batch.attention_mask, batch.labels,
+        batch.gt_masks,
+    )  # fmt: skip
+    assert [tuple(p.shape) for p in out.pred_masks] == [(0, *s.original_size) for s in samples]
+    assert torch.isfinite(out.loss) and float(out.mask_bce_loss) == 0.0
+
+
+def _stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the published layout: the LLM and mm_projector in bf16, SAM, the [SEG]
+    projector and the bundled CLIP tower in float32."""
+    total = 0
+    for name, p in model.state_dict().items():
+        if not p.is_floating_point():
+            continue
+        fp32 = name.startswith(("sam.", "seg_projector.", "vision_tower."))
+        total += p.numel() * (4 if fp32 else 2)
+    return total
+
+
+def test_demo_spec_fits_the_size_budget() -> None:
+    class Vocabulary:  # build_lisa needs only the vocabulary size
+        def __len__(self) -> int:
+            return D.DEMO_VOCAB_SIZE + 4
+
+    model = build_lisa(D.DEMO_SPEC, Vocabulary())
+    assert _stored_bytes(model) < 30 * 2**20
+    assert model.sam_image_size < 1024
+
+
+def test_cli_reports_a_missing_data_set(tmp_path: Path, capsys) -> None:
+    assert D.main(["init", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "queries.jsonl" in capsys.readouterr().err
+
+
+def test_evaluate_reports_every_number(initial_checkpoint: Path, data_dir: Path) -> None:
+    model = load_lisa(initial_checkpoint)
+    report = D.evaluate_demo(model, data_dir, "val", max_new_tokens=4)
+    record = ShapesQueriesFile(data_dir / "val" / "queries.jsonl").record(0)
+    n_absent = sum(q.kind == "absent" for q in record.queries)
+    assert report.counts["segment overall"] == 1 and report.counts["absent overall"] == n_absent
+    json_query = record.queries[record.json_query]
+    kind = "long" if json_query.is_sentence else "short"
+    assert set(report.segment) == {"overall", kind, json_query.group}
+    assert 0.0 <= report.segment["overall"]["giou"] <= 1.0
+    assert 0.0 <= report.absent_not_found["overall"] <= 1.0
+    assert report.present_found in (0.0, 1.0)
+    assert set(report.generate) == {"giou", "ciou"}
+
+
+def test_short_training_on_shapes_improves_giou(tmp_path: Path) -> None:
+    """lisa-train's engine, the demo recipe's settings (shapes queries, everything trained, no
+    LoRA), a few dozen steps: the teacher-forced gIoU on held-out images goes up."""
+    from tests.training.train_helpers import train_config
+    from training.collate import Collator
+    from training.data.mixture import build_val_dataset
+    from training.engine import Trainer, validate
+
+    small = S.ShapesConfig(min_side=64, max_side=96, min_radius_px=6, min_visible_px=30)
+    data = tmp_path / "data"
+    S.write_dataset(data / "reason_seg" / "Shapes", {"train": 6, "val": 4}, seed=1, config=small)
+    init = D.build_initial_demo_checkpoint(
+        tmp_path / "init", data / "reason_seg" / "Shapes", spec=SMALL_SPEC, vocab_size=VOCAB
+    )
+    cfg = train_config(
+        init,
+        data,
+        tmp_path / "run",
+        data={
+            "datasets": "shapes",
+            "shapes_data": "Shapes|train",
+            "shapes_answers": [0.5, 0.0, 0.25, 0.25],
+            "num_classes_per_sample": 2,
+        },
+        val={"dataset": "Shapes|val"},
+        train={
+            "lora": False,
+            "vision_tower": True,
+            "mm_projector": True,
+            "sam_encoder": True,
+            "sam_prompt_encoder": True,
+        },
+        optim={"lr": 1e-3, "warmup_steps": 5, "steps_per_epoch": 100},
+    )
+    model = load_lisa(init)
+    val = build_val_dataset(data, "Shapes|val")
+    collate = Collator(
+        model.tokenizer, num_image_tokens=model.num_image_tokens, inference=True,
+        sam_image_size=model.sam_image_size,
+    )  # fmt: skip
+    before = validate(model, [collate([val[i] for i in range(len(val))])], "cpu").summary()
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    trainer.close()
+    after = result.validations[-1]
+    assert after.giou > before["giou"] + 0.1, (before, after)

@@ -1,0 +1,448 @@
+"""The starting point of the embedded demo model: a fresh small LISA for the shapes data.
+
+The demo model is trained from scratch by this project's own training code on the synthetic
+"reasoning shapes" data (:mod:`training.shapes`). Its starting checkpoint is built here:
+
+1. a LLaMA-like SentencePiece tokenizer trained on the data's own vocabulary (every text, answer
+   and explanation of the training split, plus the chat template and the paper's question and
+   answer lists), with the LISA-7B-v1 added tokens (``<im_patch> <im_start> <im_end> [SEG]``);
+2. a randomly initialised LISA of :data:`DEMO_SPEC` (:func:`lisa_model.builders.build_lisa`);
+3. saved self-contained in the published layout (CLIP tower included), so training starts from
+   it like from any checkpoint and the result loads with :func:`lisa_model.checkpoint.load_lisa`.
+
+Command line::
+
+    python -m training.demo_model --data runs/shapes --out runs/demo/init
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lisa_model.builders import ADDED_TOKEN_LAYOUTS, ModelSpec, build_lisa
+from lisa_model.checkpoint import save_lisa
+from lisa_model.metrics import SegMetrics
+from lisa_model.modeling import LisaModel
+from lisa_model.prompts import (
+    ANSWER_LIST,
+    EXPLANATORY_QUESTION_LIST,
+    LONG_QUESTION_LIST,
+    SHORT_QUESTION_LIST,
+    TEMPLATES,
+)
+from lisa_model.sam import SamGeometry
+from lisa_model.tokenizer import LisaTokenizer, train_sentencepiece
+from training import shapes
+from training.data.shapes_queries import (
+    PRESENT_GROUPS,
+    SIDECAR_FILE,
+    ShapesQueriesFile,
+    ShapesValDataset,
+    concept_answer,
+    terse_answer,
+)
+
+#: Sizes of the demo model (see the module docstring of the recipe for how they were chosen).
+DEMO_SPEC = ModelSpec(
+    hidden_size=256,
+    num_layers=4,
+    num_heads=4,
+    intermediate_size=688,
+    max_position_embeddings=512,
+    clip_hidden=128,
+    clip_layers=2,
+    clip_heads=4,
+    clip_intermediate=512,
+    clip_image_size=224,
+    clip_patch_size=14,
+    sam=SamGeometry(
+        img_size=256,
+        patch_size=8,
+        embed_dim=96,
+        depth=2,
+        num_heads=4,
+        window_size=8,
+        global_attn_indexes=(1,),
+        decoder_mlp_dim=512,
+    ),
+)
+#: Written beside a trained demo checkpoint by ``eval --record``: data seed, scene settings and
+#: the evaluation report.
+RECIPE_FILE = "demo.json"
+#: SentencePiece vocabulary size of the demo tokenizer (before the added tokens).
+DEMO_VOCAB_SIZE = 1000
+DEMO_TOKEN_LAYOUT = "7b-v1"
+#: How often the fixed template sentences enter the tokenizer corpus.
+TEMPLATE_REPEATS = 5000
+
+
+def demo_corpus(data_dir: str | Path, split: str = "train") -> Iterator[str]:
+    """Sentences the demo tokenizer is trained on, in a fixed order.
+
+    The chat template's system prompt and roles and the paper's question/answer templates
+    (each :data:`TEMPLATE_REPEATS` times: they are in every conversation, so their words should
+    be single pieces), then every text, answer and explanation of
+    ``<data_dir>/<split>/queries.jsonl`` (line order).
+    """
+    templates = []
+    for template in TEMPLATES.values():
+        templates += [template.system, " ".join(template.roles) + ":"]
+    for question in (*SHORT_QUESTION_LIST, *LONG_QUESTION_LIST):
+        templates.append(
+            question.replace("<image>\n", "").format(class_name="the red circle", sent="")
+        )
+    templates += [*EXPLANATORY_QUESTION_LIST, *ANSWER_LIST]
+    for _ in range(TEMPLATE_REPEATS):
+        yield from templates
+    sidecar = ShapesQueriesFile(Path(data_dir) / split / SIDECAR_FILE)
+    for i in range(len(sidecar)):
+        record = sidecar.record(i)
+        for query in record.queries:
+            yield from query.texts
+            yield query.answer
+            yield query.explanation
+            if query.target_ids:
+                yield concept_answer(record, query)
+                yield terse_answer(record, query)
+
+
+def train_demo_tokenizer(
+    data_dir: str | Path, vocab_size: int = DEMO_VOCAB_SIZE, split: str = "train"
+) -> LisaTokenizer:
+    """A LISA tokenizer whose SentencePiece model is trained on :func:`demo_corpus`.
+
+    Deterministic: the same data gives the same ids. ``[SEG]`` and the image tokens are
+    added after the SentencePiece pieces (LISA-7B-v1 order).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = train_sentencepiece(
+            demo_corpus(data_dir, split), vocab_size, Path(tmp) / "sp.model"
+        )
+        return LisaTokenizer.from_sentencepiece(
+            path.read_bytes(), ADDED_TOKEN_LAYOUTS[DEMO_TOKEN_LAYOUT]
+        )
+
+
+def build_initial_demo_checkpoint(
+    out_dir: str | Path,
+    data_dir: str | Path,
+    spec: ModelSpec = DEMO_SPEC,
+    seed: int = 0,
+    vocab_size: int = DEMO_VOCAB_SIZE,
+) -> Path:
+    """Write the untrained demo model to ``out_dir`` (published layout, CLIP tower included).
+
+    Args:
+        out_dir: the checkpoint directory to write (created; existing weight files replaced).
+        data_dir: a shapes data set (``<data_dir>/train/queries.jsonl``) for the tokenizer.
+        spec: model sizes.
+        seed: weight initialisation seed.
+        vocab_size: SentencePiece pieces of the tokenizer.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    tokenizer = train_demo_tokenizer(data_dir, vocab_size)
+    model = build_lisa(spec, tokenizer, seed=seed)
+    scale_for_scratch_training_(model, seed)
+    out = save_lisa(model, out_dir, include_vision_tower=True)
+    return out
+
+
+#: Standard deviation of the demo LLM's initial token embeddings (LLaMA's own init: 0.02).
+EMBEDDING_INIT_STD = 1.0
+#: Factor on the initial output layer of the ``[SEG]`` projector.
+SEG_PROMPT_INIT_GAIN = 5.0
+
+
+@torch.no_grad()
+def scale_for_scratch_training_(model: LisaModel, seed: int = 0) -> None:
+    """Initial scales for a LISA trained from scratch: distinct ``[SEG]`` prompts from step 0.
+
+    With LLaMA's initialisation (embeddings N(0, 0.02)) the residual stream of a fresh LLM is
+    dominated by attention averages over the 256 image tokens, so the ``[SEG]`` states of
+    different queries are alike (cosine 0.62 between equal answers, 0.64 between different
+    ones, measured on the shapes data). Token embeddings of N(0, 1) make the state before
+    ``[SEG]`` carry that token (0.99 vs 0.39), and a ``[SEG]`` projector output of norm ~20
+    matches the scale of SAM's own point prompts (N(0, 1) embeddings plus Fourier features).
+
+    Measured limit (see the README's demo-model section): this alone does not keep SAM's
+    freshly initialised mask decoder from learning to ignore its prompt token within the
+    30-minute CPU budget.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    embed = model.llm.get_input_embeddings().weight
+    embed.copy_(torch.randn(embed.shape, generator=generator) * EMBEDDING_INIT_STD)
+    last = model.seg_projector[2]  # Linear(H, 256)
+    last.weight.mul_(SEG_PROMPT_INIT_GAIN)
+    last.bias.mul_(SEG_PROMPT_INIT_GAIN)
+
+
+# --------------------------------------------------------------------------- evaluation
+@dataclass
+class DemoReport:
+    """How a model does on a shapes split (see :func:`evaluate_demo`).
+
+    Attributes:
+        segment: teacher-forced gIoU / cIoU of each image's ReasonSeg json query (the
+            original's validation: its template, answer ``"[SEG]."``), ``overall`` and per group
+            (``explicit``, ``reasoning phrase``, ``reasoning sentence``) and per kind of
+            ReasonSeg (``short`` phrases, ``long`` sentences).
+        absent_not_found: fraction of absent-target queries whose greedy answer has no
+            ``[SEG]`` (correctly "not found"), overall and per concept.
+        present_found: fraction of the json (present-target) queries whose greedy answer has at
+            least one ``[SEG]``.
+        generate: gIoU / cIoU of the greedy answers' masks (union per query, empty when none)
+            on the json queries: the robot's path.
+        counts: number of queries behind each number.
+        seconds: wall time of the evaluation.
+    """
+
+    split: str
+    segment: dict[str, dict[str, float]]
+    absent_not_found: dict[str, float]
+    present_found: float
+    generate: dict[str, float]
+    counts: dict[str, int]
+    seconds: float
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def _summary(metrics: SegMetrics) -> dict[str, float]:
+    s = metrics.summary()
+    return {"giou": float(s["giou"]), "ciou": float(s["ciou"])}
+
+
+@torch.inference_mode()
+def evaluate_demo(
+    model: LisaModel,
+    data_dir: str | Path,
+    split: str = "test",
+    *,
+    max_images: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    progress: bool = False,
+) -> DemoReport:
+    """Score ``model`` on a shapes split: the fast path, absent targets, the generation path.
+
+    Args:
+        model: a loaded LISA (eval mode).
+        data_dir: a shapes data set; ``<data_dir>/<split>/queries.jsonl`` and the jsons.
+        split: which split.
+        max_images: only the first this many images (all by default).
+        batch_size: images per teacher-forced forward.
+        max_new_tokens: greedy decoding budget per query.
+        progress: tqdm bars.
+
+    The fast path uses :class:`ShapesValDataset` ``(json_only=True)``, which gives exactly the
+    samples of :class:`~training.data.reason_seg.ReasonSegValDataset`; generation goes through
+    :class:`~lisa_model.predictor.LisaPredictor` with the query phrased by
+    :func:`~lisa_model.prompts.format_query`, as the robot asks it.
+    """
+    from tqdm import tqdm
+
+    from lisa_model.predictor import LisaPredictor
+    from training.evaluate import make_collator
+
+    start = time.perf_counter()
+    model.eval()
+    present = ShapesValDataset(data_dir, split, json_only=True)
+    absent = ShapesValDataset(data_dir, split, kinds=("absent",))
+    if max_images is not None:
+        present.items = [it for it in present.items if it[0] < max_images]
+        absent.items = [it for it in absent.items if it[0] < max_images]
+    collate = make_collator(model)
+    groups = ("overall", "short", "long", *PRESENT_GROUPS)
+    segment = {g: SegMetrics() for g in groups}
+    generate = SegMetrics()
+    predictor = LisaPredictor(model)
+    found_present, examples = 0, []
+    indices = list(range(len(present)))
+    bar = tqdm(total=len(indices), desc="segment+generate", disable=not progress)
+    for chunk_start in range(0, len(indices), batch_size):
+        chunk = indices[chunk_start : chunk_start + batch_size]
+        samples = [present[i] for i in chunk]
+        batch = collate(samples)
+        out = model(
+            batch.images_clip, batch.images_sam, batch.input_ids, batch.offsets,
+            batch.resize_sizes, batch.original_sizes, batch.attention_mask,
+        )  # fmt: skip
+        for i, sample, pred in zip(chunk, samples, out.pred_masks, strict=True):
+            target = torch.from_numpy(sample.metric_targets())
+            group = present.query(i).group
+            for g in ("overall", "long" if sample.is_sentence else "short", group):
+                segment[g].update(pred.float().cpu(), target)
+            predictor.set_image(sample.image)
+            result = predictor.predict(sample.texts[0], max_new_tokens=max_new_tokens)
+            found_present += int(result.found)
+            generate.update(torch.from_numpy(result.union_mask)[None], target)
+            if len(examples) < 8:
+                examples.append({"query": sample.texts[0], "answer": result.text})
+        bar.update(len(chunk))
+    bar.close()
+
+    not_found: dict[str, list[bool]] = {}
+    last_image = None
+    for i in tqdm(range(len(absent)), desc="absent", disable=not progress):
+        image_index = absent.items[i][0]
+        sample = absent[i]
+        if image_index != last_image:
+            predictor.set_image(sample.image)
+            last_image = image_index
+        result = predictor.predict(sample.texts[0], max_new_tokens=max_new_tokens)
+        concept = absent.query(i).concept
+        for key in ("overall", concept):
+            not_found.setdefault(key, []).append(not result.found)
+        if len(examples) < 16:
+            examples.append({"query": sample.texts[0], "answer": result.text})
+
+    counts = {f"segment {g}": m.num_masks for g, m in segment.items()}
+    counts.update({f"absent {k}": len(v) for k, v in not_found.items()})
+    return DemoReport(
+        split=split,
+        segment={g: _summary(m) for g, m in segment.items() if m.num_masks},
+        absent_not_found={k: float(np.mean(v)) for k, v in not_found.items()},
+        present_found=found_present / max(len(indices), 1),
+        generate=_summary(generate),
+        counts=counts,
+        seconds=time.perf_counter() - start,
+        examples=examples,
+    )
+
+
+# --------------------------------------------------------------------------- examples
+#: Scenes of the bundled examples: test-split images of the data seed 0 (never trained on).
+EXAMPLE_SCENES = (0, 1, 2, 3, 4, 5)
+
+
+def _example_commands(example: shapes.Example, rng: np.random.Generator) -> list[dict]:
+    """One command per query group the scene has: explicit, reasoning phrase, reasoning
+    sentence, absent; the first present one also asks for an explanation."""
+    picked: list[dict] = []
+    for group in ("explicit", "reasoning phrase", "reasoning sentence", "absent"):
+        pool = [
+            q
+            for q in example.queries
+            if (q.kind == "absent" and group == "absent")
+            or (q.kind == "explicit" and group == "explicit")
+            or (
+                q.kind == "reasoning"
+                and group == f"reasoning {'sentence' if q.is_sentence else 'phrase'}"
+            )
+        ]
+        if pool:
+            q = pool[int(rng.integers(len(pool)))]
+            picked.append({"command": q.text, "expected": q.answer})
+    if picked:
+        picked[0]["explain"] = True
+    return picked
+
+
+def write_examples(out_dir: str | Path, seed: int = 0, scenes: Sequence[int] = EXAMPLE_SCENES):
+    """Write the bundled example scenes (``scene_<k>.png``) and ``commands.json``.
+
+    The scenes are images of the test split of the data set made with ``seed``; each gets one
+    command per query group (``expected`` is the generator's answer, for the reader).
+    """
+    import cv2
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    commands = []
+    for k, index in enumerate(scenes):
+        example = shapes.make_example(seed, "test", index)
+        name = f"scene_{k}.png"
+        ok, png = cv2.imencode(".png", cv2.cvtColor(example.image, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise RuntimeError(f"could not encode {name}")
+        (out / name).write_bytes(png.tobytes())
+        rng = np.random.default_rng([seed, index])
+        commands += [{"image": name, **c} for c in _example_commands(example, rng)]
+    (out / "commands.json").write_text(json.dumps(commands, indent=1) + "\n")
+    return out / "commands.json"
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.demo_model",
+        description="The demo model: build its untrained start, or evaluate a trained one.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="write the untrained demo checkpoint")
+    init.add_argument("--data", required=True, type=Path, help="shapes data set directory")
+    init.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    init.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    init.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE)
+    ev = sub.add_parser("eval", help="score a checkpoint on a shapes split")
+    ev.add_argument("--model", required=True, help="checkpoint directory")
+    ev.add_argument("--data", required=True, type=Path, help="shapes data set directory")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--max-images", type=int, default=None)
+    ev.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    ev.add_argument(
+        "--record",
+        action="store_true",
+        help=f"also write {RECIPE_FILE} into the model directory: the data set's seed and scene "
+        "settings (from its meta.json) with the report, so the scenes can be regenerated",
+    )
+    ex = sub.add_parser("examples", help="write the bundled example scenes and commands")
+    ex.add_argument("--out", required=True, type=Path, help="directory to write")
+    ex.add_argument("--seed", type=int, default=0, help="data set seed of the scenes")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m training.demo_model {init,eval} ...``."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            out = build_initial_demo_checkpoint(
+                args.out, args.data, seed=args.seed, vocab_size=args.vocab_size
+            )
+            config = json.loads((out / "config.json").read_text())
+            print(f"wrote the initial demo checkpoint to {out} (vocab {config['vocab_size']})")
+            return 0
+        if args.command == "examples":
+            path = write_examples(args.out, args.seed)
+            print(f"wrote {path} and its scenes")
+            return 0
+        from lisa_model.checkpoint import load_lisa
+
+        model = load_lisa(args.model)
+        report = evaluate_demo(
+            model, args.data, args.split, max_images=args.max_images, progress=True
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"demo_model: error: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(asdict(report), indent=1)
+    if args.record:
+        meta = json.loads((Path(args.data) / "meta.json").read_text())
+        recipe = {
+            "data": {
+                k: meta[k] for k in ("seed", "config", "version", "absent_json_rate") if k in meta
+            },
+            "report": asdict(report),
+        }
+        (Path(args.model) / RECIPE_FILE).write_text(json.dumps(recipe, indent=1) + "\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
