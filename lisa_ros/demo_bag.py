@@ -7,8 +7,9 @@ The bag looks like a short recording from a robot's camera while someone talks t
 - ``/camera/color/image_raw/compressed`` (``sensor_msgs/CompressedImage``, JPEG, written the way
   image_transport's compressed publisher does: BGR data, format ``"rgb8; jpeg compressed bgr8"``),
   the same frames, unless ``compressed_topic=False``;
-- ``/command`` (``std_msgs/String``): spoken-style commands at fixed times ("find the red ball",
-  "what could I roll across the table?", ..., "stop").
+- ``/command`` (``std_msgs/String``): commands at fixed times, in the words of the synthetic
+  shapes data the embedded demo model knows ("find the red circle", "something that could roll",
+  ..., "stop").
 
 The scene is a few flat-coloured shapes on a table (a red ball rolling from left to right, a blue
 box, a green triangle, a yellow star), drawn with OpenCV by :func:`draw_scene`. Nothing is random,
@@ -41,10 +42,10 @@ FRAME_ID = "camera_color_optical_frame"
 
 #: ``(seconds after the first frame, text)`` of the commands in the demo bag.
 DEFAULT_COMMANDS: tuple[tuple[float, str], ...] = (
-    (0.3, "find the red ball"),
-    (0.9, "what could I roll across the table?"),
-    (1.5, "show me the blue box"),
-    (2.1, "which object has three corners?"),
+    (0.3, "find the red circle"),
+    (0.9, "something that could roll"),
+    (1.5, "the blue square"),
+    (2.1, "the shape with three corners"),
     (2.5, "stop"),
 )
 

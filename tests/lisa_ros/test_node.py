@@ -456,7 +456,7 @@ def test_compressed_input_and_command_before_first_frame(ros: Ros, shared_model:
         if fmt == "png":
             # A command is served on the newest frame the node holds, so the second command
             # goes out only once the PNG frame is in (otherwise it may be served on the JPEG).
-            assert wait_until(lambda: node.pipeline.stats().frames_received > received, 20.0)
+            assert wait_until(lambda r=received: node.pipeline.stats().frames_received > r, 20.0)
             probe.command("the red ball")
         assert wait_until(lambda f=fmt: probe.mask_for(f"compressed_{f}") is not None, 20.0), (
             probe.texts()

@@ -586,7 +586,7 @@ def test_demo_bag_is_small_and_readable(tmp_path: Path, storage: str) -> None:
     np.testing.assert_array_equal(message_to_rgb(first), draw_scene(0.0))
     jpeg = message_to_rgb(topics[COMPRESSED_TOPIC][0][1])
     assert np.abs(jpeg.astype(int) - draw_scene(0.0)).mean() < 3
-    assert [m.data for _, m, _ in topics[COMMAND_TOPIC]][0] == "find the red ball"
+    assert [m.data for _, m, _ in topics[COMMAND_TOPIC]][0] == "find the red circle"
     times = [t for t, _, _ in topics[IMAGE_TOPIC]]
     assert np.allclose(np.diff(times), NS / 5)
 
