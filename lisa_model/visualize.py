@@ -112,8 +112,9 @@ def overlay(
 
 
 def _ascii(text: str) -> str:
-    # OpenCV's Hershey fonts draw ASCII only; anything else would come out as garbage.
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+    # OpenCV's Hershey fonts draw ASCII only; anything else would come out as garbage. Line
+    # breaks stay: the wrapping below splits on them.
+    return "".join(ch if 32 <= ord(ch) < 127 or ch == "\n" else "?" for ch in text)
 
 
 def _wrap(text: str, max_width: int, scale: float, thickness: int) -> list[str]:

@@ -170,3 +170,12 @@ def test_contact_sheet_refuses_bad_arguments(kwargs: dict, words: str) -> None:
     args = dict(images=[picture(), picture(1)]) | kwargs
     with pytest.raises(ValueError, match=words):
         contact_sheet(**args)
+
+
+def test_annotate_starts_a_new_line_at_each_line_break() -> None:
+    rgb = np.full((300, 400, 3), 200, dtype=np.uint8)
+    rows = lambda out: np.flatnonzero((out != rgb).any(axis=(1, 2))).max()  # noqa: E731
+    one = annotate(rgb, "> the red cup [SEG].")
+    two = annotate(rgb, "> the red cup\n[SEG].")
+    assert rows(two) > rows(one)  # a second line, not a "?" glyph on the first
+    np.testing.assert_array_equal(annotate(rgb, "> the red cup\n[SEG]."), two)
