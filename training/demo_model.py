@@ -324,6 +324,8 @@ def evaluate_demo(
 # --------------------------------------------------------------------------- examples
 #: Scenes of the bundled examples: test-split images of the data seed 0 (never trained on).
 EXAMPLE_SCENES = (0, 1, 2, 3, 4, 5)
+#: Scene settings of the demo data (``make demo-model``: ``lisa-make-shapes --objects 2 4``).
+DEMO_SCENES = shapes.ShapesConfig(min_objects=2, max_objects=4)
 
 
 def _example_commands(example: shapes.Example, rng: np.random.Generator) -> list[dict]:
@@ -352,7 +354,8 @@ def _example_commands(example: shapes.Example, rng: np.random.Generator) -> list
 def write_examples(out_dir: str | Path, seed: int = 0, scenes: Sequence[int] = EXAMPLE_SCENES):
     """Write the bundled example scenes (``scene_<k>.png``) and ``commands.json``.
 
-    The scenes are images of the test split of the data set made with ``seed``; each gets one
+    The scenes are images of the test split of the demo data set made with ``seed``
+    (:data:`DEMO_SCENES`); each gets one
     command per query group (``expected`` is the generator's answer, for the reader).
     """
     import cv2
@@ -361,7 +364,7 @@ def write_examples(out_dir: str | Path, seed: int = 0, scenes: Sequence[int] = E
     out.mkdir(parents=True, exist_ok=True)
     commands = []
     for k, index in enumerate(scenes):
-        example = shapes.make_example(seed, "test", index)
+        example = shapes.make_example(seed, "test", index, config=DEMO_SCENES)
         name = f"scene_{k}.png"
         ok, png = cv2.imencode(".png", cv2.cvtColor(example.image, cv2.COLOR_RGB2BGR))
         if not ok:
