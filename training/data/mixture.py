@@ -186,16 +186,12 @@ class DataConfig:
         bad = [s for s in _split_options(self.refer_seg_data) if s not in REFER_DATASETS]
         if "refer_seg" in types and bad:
             raise ValueError(f"refer_seg_data: unknown datasets {bad}; expected {REFER_DATASETS}")
-        if "reason_seg" in types and len(self.reason_seg_data.split("|")) != 2:
-            raise ValueError(
-                f"reason_seg_data {self.reason_seg_data!r}: expected '<folder>|<split>', "
-                "e.g. 'ReasonSeg|train'"
-            )
-        if "shapes" in types and len(self.shapes_data.split("|")) != 2:
-            raise ValueError(
-                f"shapes_data {self.shapes_data!r}: expected '<folder>|<split>', "
-                "e.g. 'Shapes|train'"
-            )
+        for kind, example in (("reason_seg", "ReasonSeg|train"), ("shapes", "Shapes|train")):
+            value = getattr(self, f"{kind}_data")
+            if kind in types and len(value.split("|")) != 2:
+                raise ValueError(
+                    f"{kind}_data {value!r}: expected '<folder>|<split>', e.g. '{example}'"
+                )
         if self.explanatory != -1 and not 0.0 <= self.explanatory <= 1.0:
             raise ValueError(f"explanatory must be in [0, 1] or -1, got {self.explanatory}")
         if self.num_classes_per_sample < 1:

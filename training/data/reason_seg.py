@@ -31,6 +31,7 @@ from training.data.types import (
     DataFileNotFoundError,
     DataFormatError,
     Sample,
+    check_counts,
     check_index,
     item_rng,
     read_image,
@@ -352,8 +353,7 @@ class ReasonSegDataset:
         explanatory_json: str | Path | None = None,
         samples_per_epoch: int | None = None,
     ) -> None:
-        if num_texts_per_image < 1:
-            raise ValueError(f"num_texts_per_image must be >= 1, got {num_texts_per_image}")
+        check_counts(num_texts_per_image=num_texts_per_image)
         if explanatory != -1 and not 0.0 <= explanatory <= 1.0:
             raise ValueError(
                 f"explanatory must be a probability in [0, 1] or -1, got {explanatory}"
@@ -380,8 +380,7 @@ class ReasonSegDataset:
                     "without explanations)"
                 )
             self.explanations = _load_explanations(path)
-        if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        check_counts(samples_per_epoch=samples_per_epoch)
         self.samples_per_epoch = samples_per_epoch
 
     def __len__(self) -> int:

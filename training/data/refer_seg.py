@@ -26,6 +26,7 @@ from lisa_model.prompts import ANSWER_LIST, IMAGE_TOKEN, SEGMENT_ONLY_ANSWER, SH
 from training.data.types import (
     DataFormatError,
     Sample,
+    check_counts,
     check_image_size,
     check_index,
     item_rng,
@@ -255,10 +256,7 @@ class ReferSegDataset:
         split_by: str | None = None,
         samples_per_epoch: int | None = None,
     ) -> None:
-        if num_sentences < 1:
-            raise ValueError(f"num_sentences must be >= 1, got {num_sentences}")
-        if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        check_counts(num_sentences=num_sentences, samples_per_epoch=samples_per_epoch)
         self.data = ReferData(root, dataset, split, split_by)
         self.source = dataset
         self.seed = int(seed)

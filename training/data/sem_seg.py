@@ -29,6 +29,7 @@ from training.data.types import (
     IGNORE_LABEL,
     DataFormatError,
     Sample,
+    check_counts,
     check_image_size,
     check_index,
     item_rng,
@@ -331,10 +332,9 @@ class SemSegDataset:
         classes_file: str | Path | None = None,
         samples_per_epoch: int | None = None,
     ) -> None:
-        if num_classes_per_sample < 1:
-            raise ValueError(f"num_classes_per_sample must be >= 1, got {num_classes_per_sample}")
-        if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        check_counts(
+            num_classes_per_sample=num_classes_per_sample, samples_per_epoch=samples_per_epoch
+        )
         self.root = Path(root)
         self.source = name
         self._src = _build_source(self.root, name, classes_file)

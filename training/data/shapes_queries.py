@@ -42,6 +42,7 @@ from training.data.reason_seg import polygons_to_mask
 from training.data.types import (
     DataFormatError,
     Sample,
+    check_counts,
     check_image_size,
     check_index,
     item_rng,
@@ -452,10 +453,9 @@ class ShapesQueryDataset:
         mix: ShapesQueryMix | None = None,
         samples_per_epoch: int | None = None,
     ) -> None:
-        if num_queries_per_image < 1:
-            raise ValueError(f"num_queries_per_image must be >= 1, got {num_queries_per_image}")
-        if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        check_counts(
+            num_queries_per_image=num_queries_per_image, samples_per_epoch=samples_per_epoch
+        )
         self.root = Path(root)
         self.split = split
         self.split_dir = require_path(self.root / split, "shapes split directory")

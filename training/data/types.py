@@ -141,6 +141,14 @@ def item_rng(seed: int, idx: int, epoch: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(idx)])
 
 
+def check_counts(**counts: int | None) -> None:
+    """Raise ``ValueError("<name> must be >= 1, got <value>")`` for the first count below 1;
+    ``None`` (not given) passes."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def check_index(idx: int, length: int, name: str) -> int:
     """``idx`` as int when ``0 <= idx < length`` (negative indices count from the end).
 

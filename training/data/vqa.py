@@ -18,6 +18,7 @@ from lisa_model.prompts import IMAGE_TOKEN
 from training.data.types import (
     DataFormatError,
     Sample,
+    check_counts,
     check_index,
     read_image,
     read_json,
@@ -85,8 +86,7 @@ class VQADataset:
         data_name: str = "llava_instruct_150k",
         samples_per_epoch: int | None = None,
     ) -> None:
-        if samples_per_epoch is not None and samples_per_epoch < 1:
-            raise ValueError(f"samples_per_epoch must be >= 1, got {samples_per_epoch}")
+        check_counts(samples_per_epoch=samples_per_epoch)
         self.root = Path(root)
         self.seed = int(seed)
         self.json_path = self.root / "llava_dataset" / f"{data_name}.json"
