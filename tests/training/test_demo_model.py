@@ -10,7 +10,7 @@ import torch
 
 from lisa_model.builders import ModelSpec, build_lisa
 from lisa_model.checkpoint import load_lisa
-from lisa_model.prompts import SEG_TOKEN
+from lisa_model.prompts import IMAGE_TOKEN_INDEX, SEG_TOKEN
 from lisa_model.sam import SamGeometry
 from training import demo_model as D
 from training import shapes as S
@@ -36,7 +36,10 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def initial_checkpoint(data_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "init"
-    return D.build_initial_demo_checkpoint(out, data_dir, spec=SMALL_SPEC, vocab_size=VOCAB)
+    warmup = D.LanguageWarmup(steps=3, batch_size=2, warmup_steps=1, log_every=1)
+    return D.build_initial_demo_checkpoint(
+        out, data_dir, spec=SMALL_SPEC, vocab_size=VOCAB, warmup=warmup, progress=False
+    )
 
 
 def test_tokenizer_is_trained_on_the_data(data_dir: Path) -> None:
@@ -184,7 +187,11 @@ def test_short_training_on_shapes_improves_giou(tmp_path: Path) -> None:
     data = tmp_path / "data"
     S.write_dataset(data / "reason_seg" / "Shapes", {"train": 6, "val": 4}, seed=1, config=small)
     init = D.build_initial_demo_checkpoint(
-        tmp_path / "init", data / "reason_seg" / "Shapes", spec=SMALL_SPEC, vocab_size=VOCAB
+        tmp_path / "init",
+        data / "reason_seg" / "Shapes",
+        spec=SMALL_SPEC,
+        vocab_size=VOCAB,
+        warmup=D.LanguageWarmup(steps=0),
     )
     cfg = train_config(
         init,
@@ -218,3 +225,85 @@ def test_short_training_on_shapes_improves_giou(tmp_path: Path) -> None:
     trainer.close()
     after = result.validations[-1]
     assert after.giou > before["giou"] + 0.1, (before, after)
+
+
+def test_warmup_conversations_label_only_the_answer(data_dir: Path) -> None:
+    tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
+    model = build_lisa(SMALL_SPEC, tokenizer)
+    cfg = D.LanguageWarmup(absent=0.5, answers=(0.5, 0.0, 0.0, 0.5))
+    pairs = D.warmup_conversations(model, data_dir, cfg)
+    for _ in range(20):
+        ids, labels = next(pairs)
+        assert ids.shape == labels.shape and ids.dtype == torch.long
+        assert IMAGE_TOKEN_INDEX not in ids.tolist()  # text only: the image is left out
+        text = tokenizer.decode(ids.tolist())
+        assert "<im_start><im_end>" in text.replace(" ", "")
+        answer = tokenizer.decode(ids[labels != -100].tolist())
+        # The labelled tokens are the assistant's answer and its end of turn, nothing else.
+        assert text.rstrip().endswith(answer.strip().removesuffix("</s>").strip() + "</s>")
+        assert "ASSISTANT" not in answer and "USER" not in answer
+    again = D.warmup_conversations(model, data_dir, cfg)
+    assert torch.equal(next(again)[0], next(D.warmup_conversations(model, data_dir, cfg))[0])
+
+
+def test_language_warmup_lowers_the_loss_and_changes_only_the_llm(data_dir: Path) -> None:
+    tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
+    model = build_lisa(SMALL_SPEC, tokenizer, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = D.LanguageWarmup(steps=40, batch_size=8, warmup_steps=5, log_every=10)
+    history = D.warm_up_language(model, data_dir, cfg, progress=False)
+    assert len(history) == 4
+    assert history[-1] < history[0] - 1.0, history  # from ~6.0 (uniform over the vocabulary)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("llm.") for k in changed), sorted(changed)[:5]
+    assert not model.llm.training
+
+
+def test_language_warmup_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        D.LanguageWarmup(batch_size=0)
+    with pytest.raises(ValueError, match="steps >= 0"):
+        D.LanguageWarmup(steps=-1)
+
+
+def test_cli_rejects_negative_warmup_steps(data_dir: Path, tmp_path: Path, capsys) -> None:
+    argv = ["init", "--data", str(data_dir), "--out", str(tmp_path / "o"), "--warmup-steps", "-2"]
+    assert D.main(argv) == 2
+    assert "--warmup-steps" in capsys.readouterr().err
+
+
+def test_center_seg_projector_removes_the_mean_state(data_dir: Path) -> None:
+    tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
+    model = build_lisa(SMALL_SPEC, tokenizer, seed=0)
+    cfg = D.LanguageWarmup(steps=0)
+    first = model.seg_projector[0]
+    bias_before = first.bias.detach().clone()
+    states = []
+    pairs = D.warmup_conversations(model, data_dir, cfg)
+    with torch.no_grad():
+        for _ in range(16):
+            ids, labels = next(pairs)
+            start = int((labels != -100).nonzero()[0])
+            states.append(model.llm.model(input_ids=ids[None, :start]).last_hidden_state[0, -1])
+    states = torch.stack(states)
+    norm_before = model.project_seg_hidden(states).norm(dim=-1).mean()
+    mean = D.center_seg_projector_(model, data_dir, cfg, samples=16)
+    torch.testing.assert_close(mean, states.mean(0), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        # The mean state now meets the first layer as a zero input did before.
+        torch.testing.assert_close(first(mean), bias_before, rtol=1e-4, atol=1e-4)
+        norm_after = model.project_seg_hidden(states).norm(dim=-1).mean()
+    torch.testing.assert_close(norm_after, norm_before, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_warmup_trains_only_the_llm(
+    initial_checkpoint: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "warm"
+    argv = ["warmup", "--model", str(initial_checkpoint), "--data", str(data_dir)]
+    assert D.main([*argv, "--out", str(out), "--steps", "2"]) == 0
+    assert "language warm-up loss" in capsys.readouterr().out
+    before, after = load_lisa(initial_checkpoint), load_lisa(out)
+    a, b = before.state_dict(), after.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("llm.") for k in changed)

@@ -17,14 +17,16 @@ from training import shapes as S
 
 #: Test-split images scored here (a fixed subset; the full split is 200 images).
 SUBSET = 24
-#: Lower bounds, below what the shipped model scores on this subset and on the whole split
-#: (README: test gIoU 0.38 / cIoU 0.37 fast path); an untrained model scores about 0.04.
-#: Issue 4's targets (gIoU and cIoU >= 0.75, "not found" on >= 90% of absent targets) are not
-#: reached by the shipped model: see the README's demo-model section.
-GIOU_BOUND = 0.25
-CIOU_BOUND = 0.2
-GENERATE_BOUND = 0.25
-FOUND_BOUND = 0.9
+#: Lower bounds, below what the shipped model scores on this subset (fast path gIoU 0.56 / cIoU
+#: 0.49, generation 0.48, present targets found 88%, absent targets "not found" 86%) and on the
+#: whole split (README: test gIoU 0.50 / cIoU 0.45 fast path); an untrained model scores about
+#: 0.04, "every object in the scene" about 0.3. Issue 4's targets (gIoU and cIoU >= 0.75, "not
+#: found" on >= 90% of absent targets) are not reached yet: see the README's demo-model section.
+GIOU_BOUND = 0.45
+CIOU_BOUND = 0.4
+GENERATE_BOUND = 0.4
+FOUND_BOUND = 0.8
+ABSENT_BOUND = 0.75
 ABSENT_TARGET = 0.9
 
 
@@ -60,10 +62,16 @@ def test_demo_model_answers_present_targets_with_a_mask(demo_report: D.DemoRepor
     assert demo_report.present_found >= FOUND_BOUND
 
 
+def test_demo_model_says_when_nothing_matches(demo_report: D.DemoReport) -> None:
+    assert demo_report.absent_not_found["overall"] >= ABSENT_BOUND, demo_report.absent_not_found
+    for answer in demo_report.examples:
+        assert answer["answer"].strip(), answer
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap (issue 4): the shipped demo model answers '[SEG].' to every query, so it "
-    "never says 'not found'",
+    reason="known gap (issue 4): the shipped demo model says 'not found' for about 86% of "
+    "absent targets; the target is 90%",
 )
-def test_demo_model_says_when_nothing_matches(demo_report: D.DemoReport) -> None:
+def test_demo_model_reaches_the_absent_target(demo_report: D.DemoReport) -> None:
     assert demo_report.absent_not_found["overall"] >= ABSENT_TARGET, demo_report.absent_not_found

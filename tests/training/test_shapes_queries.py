@@ -237,3 +237,20 @@ def test_answer_styles_restate_the_query_not_the_scene(data_dir: Path, style: st
                 f"They are the {colour} ones [SEG].",
             )
     assert checked
+
+
+def test_draw_turns_are_the_samples_conversations(data_dir: Path) -> None:
+    """The image-free draw (the demo's language warm-up reads it) is what a sample holds."""
+    from training.data.types import item_rng
+
+    mix = ShapesQueryMix(absent=0.3, segment_answer=0.3, plain_answer=0.2, terse_answer=0.3)
+    ds = ShapesQueryDataset(data_dir, "train", seed=3, num_queries_per_image=3, mix=mix)
+    for idx in range(len(ds)):
+        sample = ds[idx]
+        turns = ds.draw_turns(ds.file.record(idx), item_rng(3, idx, 0))
+        assert [[(t.question, t.answer)] for t in turns] == sample.conversations
+        assert [t.text for t in turns] == sample.texts
+        assert turns[0].is_sentence == sample.is_sentence
+        assert sum(len(t.masks) for t in turns) == len(sample.masks)
+        for t in turns:
+            assert t.answer.count(SEG_TOKEN) == len(t.masks)

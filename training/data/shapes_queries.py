@@ -265,6 +265,25 @@ class Focus:
     phrase: str
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One drawn training conversation of a shapes sample.
+
+    Attributes:
+        question: the user's turn, ``<image>`` first (a training template).
+        answer: the assistant's turn, one ``[SEG]`` per entry of ``masks``.
+        text: the query text the question was made from.
+        is_sentence: whether that text is a sentence (the long templates).
+        masks: per ``[SEG]``, the object ids whose union is its target mask.
+    """
+
+    question: str
+    answer: str
+    text: str
+    is_sentence: bool
+    masks: tuple[tuple[int, ...], ...]
+
+
 def query_focus(record: ShapesImageRecord, query: ShapesQueryRecord) -> Focus:
     """The :class:`Focus` of a present-target query (nothing in it needs the image).
 
@@ -499,27 +518,14 @@ class ShapesQueryDataset:
             chosen.append(pool.pop(int(rng.integers(len(pool)))))
         return chosen
 
-    def __getitem__(self, idx: int) -> Sample:
-        i = check_index(idx, len(self), "ShapesQueryDataset")
-        rng = item_rng(self.seed, i, self.epoch)
-        record = self.file.record(i % len(self.file))
-        image_path = self.split_dir / record.image
-        image = read_image(image_path)
-        check_image_size(image, (record.height, record.width), image_path, str(self.file.path))
-
-        conversations, masks, texts = [], [], []
-        object_masks: dict[int, np.ndarray] = {}
-
-        def mask_of(k: int) -> np.ndarray:
-            if k not in object_masks:
-                object_masks[k] = record.object_mask(k)
-            return object_masks[k]
-
-        chosen = self._choose(record, rng)
-        for j in chosen:
+    def draw_turns(self, record: ShapesImageRecord, rng: np.random.Generator) -> list[Turn]:
+        """The conversations of one sample of ``record`` (no image is read): the queries
+        :meth:`_choose` picks, each asked in a training template and answered in a style of
+        :attr:`mix`. Also what :func:`training.demo_model.warm_up_language` trains on."""
+        turns = []
+        for j in self._choose(record, rng):
             q = record.queries[j]
             text = _pick(rng, q.texts)
-            texts.append(text)
             explain = rng.random() < self.mix.explain
             if explain:
                 question = IMAGE_TOKEN + "\n" + text + " " + _pick(rng, EXPLANATORY_QUESTION_LIST)
@@ -528,7 +534,7 @@ class ShapesQueryDataset:
             style = self.mix.answer_style(rng.random())
             if q.kind == "absent" or style == "own":
                 answer = q.answer
-                masks.extend(mask_of(k) for k in q.target_ids)
+                groups = tuple((k,) for k in q.target_ids)
             else:
                 if style == "segment":
                     answer = SEGMENT_ONLY_ANSWER
@@ -538,13 +544,37 @@ class ShapesQueryDataset:
                     answer = concept_answer(record, q)
                 else:
                     answer = terse_answer(record, q)
-                union = np.zeros((record.height, record.width), dtype=np.uint8)
-                for k in q.target_ids:
-                    union |= mask_of(k)
-                masks.append(union)
+                groups = (tuple(q.target_ids),)
             if explain:
                 answer = answer + " " + q.explanation
-            conversations.append([(question, answer)])
+            turns.append(Turn(question, answer, text, q.is_sentence, groups))
+        return turns
+
+    def __getitem__(self, idx: int) -> Sample:
+        i = check_index(idx, len(self), "ShapesQueryDataset")
+        rng = item_rng(self.seed, i, self.epoch)
+        record = self.file.record(i % len(self.file))
+        image_path = self.split_dir / record.image
+        image = read_image(image_path)
+        check_image_size(image, (record.height, record.width), image_path, str(self.file.path))
+
+        object_masks: dict[int, np.ndarray] = {}
+
+        def mask_of(k: int) -> np.ndarray:
+            if k not in object_masks:
+                object_masks[k] = record.object_mask(k)
+            return object_masks[k]
+
+        conversations, masks, texts = [], [], []
+        turns = self.draw_turns(record, rng)
+        for turn in turns:
+            texts.append(turn.text)
+            conversations.append([(turn.question, turn.answer)])
+            for group in turn.masks:
+                union = np.zeros((record.height, record.width), dtype=np.uint8)
+                for k in group:
+                    union |= mask_of(k)
+                masks.append(union)
 
         h, w = record.height, record.width
         return Sample(
@@ -554,7 +584,7 @@ class ShapesQueryDataset:
             masks=np.stack(masks) if masks else np.zeros((0, h, w), dtype=np.uint8),
             label=np.zeros((h, w), dtype=np.uint8),
             texts=texts,
-            is_sentence=record.queries[chosen[0]].is_sentence,
+            is_sentence=turns[0].is_sentence,
             source=self.source,
         ).validate()
 
