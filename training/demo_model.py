@@ -52,7 +52,7 @@ from lisa_model.prompts import (
 from lisa_model.sam import SamGeometry
 from lisa_model.tokenizer import LisaTokenizer, train_sentencepiece
 from training import shapes
-from training.collate import conversation_labels
+from training.collate import conversation_labels, pad_right
 from training.data.shapes_queries import (
     PRESENT_GROUPS,
     SIDECAR_FILE,
@@ -316,19 +316,10 @@ def warm_up_language(
     bar = tqdm(range(cfg.steps), desc="language warm-up", disable=not progress)
     for _ in bar:
         batch = [next(pairs) for _ in range(cfg.batch_size)]
-        length = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, lab) in enumerate(batch):
-            input_ids[row, : len(ids)], labels[row, : len(lab)] = ids, lab
-        attention = input_ids.ne(pad)
-        hidden = llm.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        logits = llm.lm_head(hidden).float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            labels[:, 1:].reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )
+        input_ids = pad_right([ids for ids, _ in batch], pad)
+        labels = pad_right([lab for _, lab in batch], IGNORE_INDEX)
+        # The causal LM's own next-token loss (shifted, -100 ignored), as LISA's CE term.
+        loss = llm(input_ids=input_ids, attention_mask=input_ids.ne(pad), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
