@@ -387,6 +387,11 @@ class DemoReport:
             ``[SEG]`` (correctly "not found"), overall and per concept.
         present_found: fraction of the json (present-target) queries whose greedy answer has at
             least one ``[SEG]``.
+        present_found_matched: fraction of the present-target queries of the concepts that
+            also have absent queries in the split (e.g. ``colour_shape``: "the red circle") whose
+            greedy answer has a ``[SEG]``, overall and per concept: the other half of
+            ``absent_not_found``. A model that says "not found" to every such question scores 1
+            on ``absent_not_found`` and 0 here.
         generate: gIoU / cIoU of the greedy answers' masks (union per query, empty when none)
             on the json queries: the robot's path.
         counts: number of queries behind each number.
@@ -401,6 +406,7 @@ class DemoReport:
     counts: dict[str, int]
     seconds: float
     examples: list[dict[str, str]] = field(default_factory=list)
+    present_found_matched: dict[str, float] = field(default_factory=dict)
 
 
 def _summary(metrics: SegMetrics) -> dict[str, float]:
@@ -442,11 +448,8 @@ def evaluate_demo(
 
     start = time.perf_counter()
     model.eval()
-    present = ShapesValDataset(data_dir, split, json_only=True)
-    absent = ShapesValDataset(data_dir, split, kinds=("absent",))
-    if max_images is not None:
-        present.items = [it for it in present.items if it[0] < max_images]
-        absent.items = [it for it in absent.items if it[0] < max_images]
+    present = ShapesValDataset(data_dir, split, json_only=True, max_images=max_images)
+    absent = ShapesValDataset(data_dir, split, kinds=("absent",), max_images=max_images)
     collate = make_collator(model)
     groups = ("overall", "short", "long", *PRESENT_GROUPS)
     segment = {g: SegMetrics() for g in groups}
@@ -492,13 +495,30 @@ def evaluate_demo(
         if len(examples) < 16:
             examples.append({"query": sample.texts[0], "answer": result.text})
 
+    # The same concepts asked about objects that are there: without this, answering "not
+    # found" to every question of an absent-capable kind would look like a perfect score.
+    matched = ShapesValDataset(data_dir, split, max_images=max_images, concepts=set(not_found))
+    found: dict[str, list[bool]] = {}
+    last_image = None
+    for i in tqdm(range(len(matched)), desc="present, same concepts", disable=not progress):
+        image_index = matched.items[i][0]
+        sample = matched[i]
+        if image_index != last_image:
+            predictor.set_image(sample.image)
+            last_image = image_index
+        result = predictor.predict(sample.texts[0], max_new_tokens=max_new_tokens)
+        for key in ("overall", matched.query(i).concept):
+            found.setdefault(key, []).append(result.found)
+
     counts = {f"segment {g}": m.num_masks for g, m in segment.items()}
     counts.update({f"absent {k}": len(v) for k, v in not_found.items()})
+    counts.update({f"present matched {k}": len(v) for k, v in found.items()})
     return DemoReport(
         split=split,
         segment={g: _summary(m) for g, m in segment.items() if m.num_masks},
         absent_not_found={k: float(np.mean(v)) for k, v in not_found.items()},
         present_found=found_present / max(len(indices), 1),
+        present_found_matched={k: float(np.mean(v)) for k, v in found.items()},
         generate=_summary(generate),
         counts=counts,
         seconds=time.perf_counter() - start,

@@ -173,6 +173,35 @@ def test_evaluate_reports_every_number(initial_checkpoint: Path, data_dir: Path)
     assert 0.0 <= report.absent_not_found["overall"] <= 1.0
     assert report.present_found in (0.0, 1.0)
     assert set(report.generate) == {"giou", "ciou"}
+    absent_concepts = {q.concept for q in record.queries if q.kind == "absent"}
+    matched = [q for q in record.queries if q.target_ids and q.concept in absent_concepts]
+    assert matched, "the fixture scene should have present queries of an absent-capable kind"
+    assert report.counts["present matched overall"] == len(matched)
+    assert 0.0 <= report.present_found_matched["overall"] <= 1.0
+
+
+def test_evaluate_counts_a_model_that_never_finds_anything_as_such(
+    initial_checkpoint: Path, data_dir: Path, monkeypatch
+) -> None:
+    """Answering "not found" to everything scores 1 on absent targets, so the report also
+    asks the same kinds of question about objects that are there: 0 found."""
+    import dataclasses
+
+    from lisa_model.predictor import LisaPredictor
+
+    real = LisaPredictor.predict
+
+    def never_found(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        return dataclasses.replace(
+            result, masks=result.masks[:0], logits=result.logits[:0], text="There is none."
+        )
+
+    monkeypatch.setattr(LisaPredictor, "predict", never_found)
+    report = D.evaluate_demo(load_lisa(initial_checkpoint), data_dir, "val", max_new_tokens=4)
+    assert report.absent_not_found["overall"] == 1.0
+    assert report.present_found == 0.0
+    assert report.present_found_matched["overall"] == 0.0
 
 
 def test_short_training_on_shapes_improves_giou(tmp_path: Path) -> None:

@@ -18,15 +18,17 @@ from training import shapes as S
 #: Test-split images scored here (a fixed subset; the full split is 200 images).
 SUBSET = 24
 #: Lower bounds, below what the shipped model scores on this subset (fast path gIoU 0.56 / cIoU
-#: 0.49, generation 0.48, present targets found 88%, absent targets "not found" 86%) and on the
-#: whole split (README: test gIoU 0.50 / cIoU 0.45 fast path); an untrained model scores about
-#: 0.04, "every object in the scene" about 0.3. Issue 4's targets (gIoU and cIoU >= 0.75, "not
-#: found" on >= 90% of absent targets) are not reached yet: see the README's demo-model section.
+#: 0.49, generation 0.48, present targets found 88%, absent targets "not found" 86%, present
+#: targets of the absent queries' kinds found 66%) and on the whole split (README: test gIoU
+#: 0.50 / cIoU 0.45 fast path); an untrained model scores about 0.04, "every object in the
+#: scene" about 0.3. Issue 4's targets (gIoU and cIoU >= 0.75, "not found" on >= 90% of absent
+#: targets) are not reached yet: see the README's demo-model section.
 GIOU_BOUND = 0.45
 CIOU_BOUND = 0.4
 GENERATE_BOUND = 0.4
 FOUND_BOUND = 0.8
 ABSENT_BOUND = 0.75
+MATCHED_FOUND_BOUND = 0.55
 ABSENT_TARGET = 0.9
 
 
@@ -64,6 +66,9 @@ def test_demo_model_answers_present_targets_with_a_mask(demo_report: D.DemoRepor
 
 def test_demo_model_says_when_nothing_matches(demo_report: D.DemoReport) -> None:
     assert demo_report.absent_not_found["overall"] >= ABSENT_BOUND, demo_report.absent_not_found
+    # ... and not by saying it to every question of those kinds (same concepts, objects there)
+    matched = demo_report.present_found_matched
+    assert matched["overall"] >= MATCHED_FOUND_BOUND, matched
     for answer in demo_report.examples:
         assert answer["answer"].strip(), answer
 

@@ -181,6 +181,22 @@ def test_val_dataset_all_queries_and_absent(data_dir: Path) -> None:
         ShapesValDataset(data_dir, "val", kinds=("nonsense",))
 
 
+def test_val_dataset_selects_images_and_concepts(data_dir: Path) -> None:
+    full = ShapesValDataset(data_dir, "val")
+    concept = full.query(0).concept
+    some = ShapesValDataset(data_dir, "val", max_images=1, concepts={concept})
+    expected = [
+        (it, full.query(k))
+        for k, it in enumerate(full.items)
+        if it[0] < 1 and full.query(k).concept == concept
+    ]
+    assert len(some) == len(expected) >= 1
+    for k, (item, query) in enumerate(expected):
+        assert some.items[k] == item and some.query(k) == query  # query() follows the selection
+        assert some[k].texts == [query.texts[0].strip()]
+    assert len(ShapesValDataset(data_dir, "val", max_images=0)) == 0
+
+
 def test_errors_name_the_file(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataFileNotFoundError, match="split directory"):
         ShapesQueryDataset(tmp_path, "train")

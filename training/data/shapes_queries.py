@@ -23,7 +23,7 @@ per query (the ReasonSeg validation template), for per-kind metrics over every q
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -601,6 +601,8 @@ class ShapesValDataset:
         root / split: as :class:`ShapesQueryDataset`.
         kinds: query kinds to include, out of ``("explicit", "reasoning", "absent")``.
         json_only: only the query each image's ReasonSeg json holds (the ReasonSeg val set).
+        max_images: only the first this many images (all by default).
+        concepts: only queries of these concepts (all by default).
     """
 
     source = "shapes"
@@ -611,6 +613,8 @@ class ShapesValDataset:
         split: str = "val",
         kinds: Sequence[str] = ("explicit", "reasoning"),
         json_only: bool = False,
+        max_images: int | None = None,
+        concepts: Collection[str] | None = None,
     ) -> None:
         bad = [k for k in kinds if k not in QUERY_KINDS]
         if bad or not kinds:
@@ -620,11 +624,13 @@ class ShapesValDataset:
         self.file = ShapesQueriesFile(self.split_dir / SIDECAR_FILE)
         self.items: list[tuple[int, int]] = []
         self._queries: list[ShapesQueryRecord] = []
-        for i in range(len(self.file)):
+        n_images = len(self.file) if max_images is None else min(max_images, len(self.file))
+        for i in range(n_images):
             record = self.file.record(i)
             picks = [record.json_query] if json_only else range(len(record.queries))
             for j in picks:
-                if record.queries[j].kind in kinds:
+                q = record.queries[j]
+                if q.kind in kinds and (concepts is None or q.concept in concepts):
                     self.items.append((i, j))
                     self._queries.append(record.queries[j])
 
