@@ -480,35 +480,30 @@ def evaluate_demo(
         bar.update(len(chunk))
     bar.close()
 
-    not_found: dict[str, list[bool]] = {}
-    last_image = None
-    for i in tqdm(range(len(absent)), desc="absent", disable=not progress):
-        image_index = absent.items[i][0]
-        sample = absent[i]
-        if image_index != last_image:
-            predictor.set_image(sample.image)
-            last_image = image_index
-        result = predictor.predict(sample.texts[0], max_new_tokens=max_new_tokens)
-        concept = absent.query(i).concept
-        for key in ("overall", concept):
-            not_found.setdefault(key, []).append(not result.found)
-        if len(examples) < 16:
-            examples.append({"query": sample.texts[0], "answer": result.text})
+    def answers(dataset: ShapesValDataset, desc: str) -> Iterator[tuple[int, bool]]:
+        """``(item, found)`` per query of ``dataset``; each image is set on the predictor once."""
+        last_image = None
+        for i in tqdm(range(len(dataset)), desc=desc, disable=not progress):
+            sample = dataset[i]
+            if dataset.items[i][0] != last_image:
+                predictor.set_image(sample.image)
+                last_image = dataset.items[i][0]
+            result = predictor.predict(sample.texts[0], max_new_tokens=max_new_tokens)
+            if len(examples) < 16:
+                examples.append({"query": sample.texts[0], "answer": result.text})
+            yield i, result.found
 
+    not_found: dict[str, list[bool]] = {}
+    for i, was_found in answers(absent, "absent"):
+        for key in ("overall", absent.query(i).concept):
+            not_found.setdefault(key, []).append(not was_found)
     # The same concepts asked about objects that are there: without this, answering "not
     # found" to every question of an absent-capable kind would look like a perfect score.
     matched = ShapesValDataset(data_dir, split, max_images=max_images, concepts=set(not_found))
     found: dict[str, list[bool]] = {}
-    last_image = None
-    for i in tqdm(range(len(matched)), desc="present, same concepts", disable=not progress):
-        image_index = matched.items[i][0]
-        sample = matched[i]
-        if image_index != last_image:
-            predictor.set_image(sample.image)
-            last_image = image_index
-        result = predictor.predict(sample.texts[0], max_new_tokens=max_new_tokens)
+    for i, was_found in answers(matched, "present, same concepts"):
         for key in ("overall", matched.query(i).concept):
-            found.setdefault(key, []).append(result.found)
+            found.setdefault(key, []).append(was_found)
 
     counts = {f"segment {g}": m.num_masks for g, m in segment.items()}
     counts.update({f"absent {k}": len(v) for k, v in not_found.items()})
