@@ -499,7 +499,8 @@ def evaluate_demo(
             not_found.setdefault(key, []).append(not was_found)
     # The same concepts asked about objects that are there: without this, answering "not
     # found" to every question of an absent-capable kind would look like a perfect score.
-    matched = ShapesValDataset(data_dir, split, max_images=max_images, concepts=set(not_found))
+    concepts = set(not_found) - {"overall"}
+    matched = ShapesValDataset(data_dir, split, max_images=max_images, concepts=concepts)
     found: dict[str, list[bool]] = {}
     for i, was_found in answers(matched, "present, same concepts"):
         for key in ("overall", matched.query(i).concept):

@@ -632,7 +632,7 @@ class ShapesValDataset:
                 q = record.queries[j]
                 if q.kind in kinds and (concepts is None or q.concept in concepts):
                     self.items.append((i, j))
-                    self._queries.append(record.queries[j])
+                    self._queries.append(q)
 
     def __len__(self) -> int:
         return len(self.items)
