@@ -287,9 +287,10 @@ def warm_up_language(
     scratch inside ``lisa-train`` does not learn to within the CPU budget (measured: after 400
     steps its prediction at the last prompt token, the state that feeds SAM in the fast path, is
     the same for every question). This warm-up is the demo's stand-in for that pretraining:
-    next-token loss on the training split's questions and answers without the image (~40
-    tokens instead of ~300), so the state before the answer learns what the question asks for
-    ("Blue [SEG]." for "the shape the colour of a clear sky") in a couple of minutes.
+    next-token loss on the training split's questions and answers without the image (about 60
+    tokens per conversation instead of about 315), so the state before the answer learns what
+    the question asks for ("Blue [SEG]." for "the shape the colour of a clear sky"): 900 steps
+    took 6-8 minutes on 2 CPU cores.
 
     Returns:
         the mean loss of every ``cfg.log_every`` steps.
