@@ -377,15 +377,23 @@ def activation_estimate(
     frame = model.num_image_tokens * hidden * s + 256 * 64 * 64 * s  # CLIP features + SAM emb.
 
     enc = model.sam.image_encoder
-    grid = enc.img_size // enc.patch_embed.proj.kernel_size[0]
-    n_tok = grid * grid
-    dim = enc.patch_embed.proj.out_channels
-    heads = enc.blocks[0].attn.num_heads
-    # Upstream SAM attention materialises (heads, N, N) scores; adding the relative positions
-    # and the softmax hold up to three such tensors at once in a global-attention block.
-    sam_attention = 3 * heads * n_tok * n_tok * s
-    sam_tokens = n_tok * dim * s * (8 + 2 * 4)  # x, qkv, proj, norms; MLP 4x expansion
-    sam = sam_attention + sam_tokens + 3 * 1024 * 1024 * s  # + the padded input image
+    size = int(enc.img_size)
+    if hasattr(enc, "blocks"):  # SAM's ViT
+        grid = size // enc.patch_embed.proj.kernel_size[0]
+        n_tok = grid * grid
+        dim = enc.patch_embed.proj.out_channels
+        heads = enc.blocks[0].attn.num_heads
+        # Upstream SAM attention materialises (heads, N, N) scores; adding the relative
+        # positions and the softmax hold up to three such tensors at once in a global block.
+        sam_attention = 3 * heads * n_tok * n_tok * s
+        sam_tokens = n_tok * dim * s * (8 + 2 * 4)  # x, qkv, proj, norms; MLP 4x expansion
+        sam = sam_attention + sam_tokens + 3 * size * size * s  # + the padded input image
+    else:  # ConvImageEncoder: the largest stem map (conv, norm, activation) plus the input
+        maps, side = [], size
+        for block in enc.stem:
+            side //= block[0].stride[0]
+            maps.append(block[0].out_channels * side * side)
+        sam = 3 * max(maps) * s + 3 * size * size * s
 
     llm_step = seq * (6 * hidden + 3 * inter) * s  # one layer's temporaries
     if original:

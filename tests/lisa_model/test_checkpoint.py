@@ -140,6 +140,42 @@ def test_sam_geometry_is_inferred_from_weights(geometry):
     assert infer_sam_geometry(state, prefix="model.visual_model.") == geometry
 
 
+CONV_SAM = SamGeometry(
+    img_size=128, patch_size=8, embed_dim=24, depth=3, encoder="conv", conv_widths=(8, 16, 16),
+    decoder_mlp_dim=64,
+)  # fmt: skip
+
+
+def test_conv_sam_encoder_round_trips_through_the_published_layout(tmp_path):
+    """A small convolutional SAM encoder (the demo model's) saves under
+    ``model.visual_model.image_encoder.*`` and loads back with its geometry read off the weights;
+    the predictor runs on it."""
+    spec = ModelSpec(sam=CONV_SAM)
+    directory = make_tiny_checkpoint(tmp_path / "conv", spec=spec, seed=5)
+    model = load_lisa(directory)
+    encoder = model.sam.image_encoder
+    assert encoder.__class__.__name__ == "ConvImageEncoder"
+    assert infer_sam_geometry(model.sam.state_dict()) == CONV_SAM
+    assert model.sam_image_size == 128 and len(encoder.context) == 3
+    embedding = encoder(torch.zeros(2, 3, 128, 128))
+    assert embedding.shape == (2, 256, 16, 16)
+    from lisa_model.predictor import LisaPredictor
+
+    predictor = LisaPredictor(model)
+    predictor.set_image(np.full((40, 90, 3), 200, np.uint8))
+    assert predictor.predict("the red ball", mode="segment").masks.shape == (1, 40, 90)
+
+
+def test_conv_sam_geometry_errors():
+    with pytest.raises(ValueError, match="patch_size"):
+        SamGeometry(img_size=128, patch_size=16, encoder="conv", conv_widths=(8, 16, 16))
+    with pytest.raises(ValueError, match="encoder"):
+        SamGeometry(encoder="resnet")
+    state = {f"image_encoder.stem.{i}.0.weight": torch.zeros(8, 3, 3, 3) for i in (0, 2)}
+    with pytest.raises(CheckpointError, match="stem"):
+        infer_sam_geometry(state)
+
+
 def _write_modified(src, dst, edit):
     shutil.copytree(src, dst)
     files = weight_files(dst)
