@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,8 +38,15 @@ def data_dir(tmp_path_factory) -> Path:
 def initial_checkpoint(data_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "init"
     warmup = D.LanguageWarmup(steps=3, batch_size=2, warmup_steps=1, log_every=1)
+    encoder_warmup = D.EncoderWarmup(steps=2, batch_size=2, warmup_steps=1, log_every=1)
     return D.build_initial_demo_checkpoint(
-        out, data_dir, spec=SMALL_SPEC, vocab_size=VOCAB, warmup=warmup, progress=False
+        out,
+        data_dir,
+        spec=SMALL_SPEC,
+        vocab_size=VOCAB,
+        warmup=warmup,
+        encoder_warmup=encoder_warmup,
+        progress=False,
     )
 
 
@@ -221,6 +229,7 @@ def test_short_training_on_shapes_improves_giou(tmp_path: Path) -> None:
         spec=SMALL_SPEC,
         vocab_size=VOCAB,
         warmup=D.LanguageWarmup(steps=0),
+        encoder_warmup=D.EncoderWarmup(steps=0),
     )
     cfg = train_config(
         init,
@@ -299,6 +308,70 @@ def test_cli_rejects_negative_warmup_steps(data_dir: Path, tmp_path: Path, capsy
     argv = ["init", "--data", str(data_dir), "--out", str(tmp_path / "o"), "--warmup-steps", "-2"]
     assert D.main(argv) == 2
     assert "--warmup-steps" in capsys.readouterr().err
+
+
+CONV_SPEC = ModelSpec(
+    clip_patch_size=28,
+    sam=SamGeometry(
+        img_size=128, patch_size=8, embed_dim=24, depth=2, encoder="conv", conv_widths=(8, 16, 16)
+    ),
+)
+
+
+def test_patch_labels_name_the_object_under_each_patch(data_dir: Path) -> None:
+    record = ShapesQueriesFile(data_dir / "train" / "queries.jsonl").record(0)
+    h, w = record.object_mask(0).shape
+    scale = 128 / max(h, w)
+    resized = (int(h * scale + 0.5), int(w * scale + 0.5))
+    shape_map, colour_map = D.patch_labels(record, 16, 128, resized)
+    assert shape_map.shape == colour_map.shape == (16, 16)
+    background = (len(S.SHAPES), len(S.COLOURS))
+    masks = [record.object_mask(k) for k in range(len(record.objects))]
+    owned = 0
+    for i in range(16):
+        for j in range(16):
+            # The patch's footprint in the original image.
+            rows = slice(int(i * 8 / scale), int((i + 1) * 8 / scale))
+            cols = slice(int(j * 8 / scale), int((j + 1) * 8 / scale))
+            cover = [float(m[rows, cols].mean()) if m[rows, cols].size else 0.0 for m in masks]
+            k = int(np.argmax(cover))
+            if max(cover) > 0.6:  # clearly one object's patch: labelled with that object
+                obj = record.objects[k]
+                assert shape_map[i, j] == S.SHAPES.index(obj.shape), (i, j, cover)
+                assert colour_map[i, j] == S.COLOURS.index(obj.colour), (i, j, cover)
+                owned += 1
+            elif max(cover) < 0.4:  # clearly background
+                assert shape_map[i, j] == background[0] and colour_map[i, j] == background[1]
+    assert owned >= len(masks)
+    # Padding (below/right of the resized image) is background.
+    if resized[0] < 128:
+        assert (shape_map[(resized[0] + 7) // 8 :] == background[0]).all()
+    if resized[1] < 128:
+        assert (colour_map[:, (resized[1] + 7) // 8 :] == background[1]).all()
+
+
+def test_encoder_warmup_lowers_the_loss_and_changes_only_sam_encoder(data_dir: Path) -> None:
+    tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
+    model = build_lisa(CONV_SPEC, tokenizer, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = D.EncoderWarmup(steps=40, batch_size=3, warmup_steps=5, log_every=10, lr=3e-3)
+    history = D.warm_up_sam_encoder(model, data_dir, cfg, progress=False)
+    assert len(history) == 4
+    # From ~4.4 (two uniform 9-way cross-entropies) on three images it learns by heart.
+    assert history[-1] < 0.6 * history[0], history
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("sam.image_encoder.") for k in changed), sorted(changed)
+    assert not model.sam.image_encoder.training
+
+
+def test_encoder_warmup_settings_are_checked(data_dir: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="max_images must be >= 1"):
+        D.EncoderWarmup(max_images=0)
+    with pytest.raises(ValueError, match="steps >= 0"):
+        D.EncoderWarmup(steps=-1)
+    argv = ["init", "--data", str(data_dir), "--out", str(tmp_path / "o"), "--encoder-steps", "-1"]
+    assert D.main(argv) == 2
+    assert "--encoder-steps" in capsys.readouterr().err
 
 
 def test_center_seg_projector_removes_the_mean_state(data_dir: Path) -> None:
