@@ -236,7 +236,7 @@ class LanguageWarmup:
         log_every: steps per entry of the returned loss history.
     """
 
-    steps: int = 800
+    steps: int = 900
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -298,8 +298,7 @@ def warm_up_language(
     next-token loss on the training split's questions and answers without the image (about 60
     tokens per conversation instead of about 315), so the state before the answer learns what
     the question asks for ("Blue [SEG]." for "the shape the colour of a clear sky"): 900 steps
-    took 6-8 minutes on 2 CPU cores (the recipe runs 800, to leave time for the encoder's
-    warm-up).
+    took 6-8 minutes on 2 CPU cores.
 
     Returns:
         the mean loss of every ``cfg.log_every`` steps.

@@ -17,17 +17,18 @@ from training import shapes as S
 
 #: Test-split images scored here (a fixed subset; the full split is 200 images).
 SUBSET = 24
-#: Lower bounds, below what the shipped model scores on this subset (fast path gIoU 0.56 / cIoU
-#: 0.49, generation 0.48, present targets found 88%, absent targets "not found" 86%, present
-#: targets of the absent queries' kinds found 66%) and on the whole split (README: test gIoU
-#: 0.50 / cIoU 0.45 fast path); an untrained model scores about 0.04, "every object in the
-#: scene" about 0.3. Issue 4's targets (gIoU and cIoU >= 0.75, "not found" on >= 90% of absent
-#: targets) are not reached yet: see the README's demo-model section.
-GIOU_BOUND = 0.45
-CIOU_BOUND = 0.4
-GENERATE_BOUND = 0.4
+#: Lower bounds, below what the shipped model scores on this subset (fast path gIoU 0.64 / cIoU
+#: 0.59, generation 0.57, present targets found 88%, absent targets "not found" 88%, present
+#: targets of the absent queries' kinds found 64%) and on the whole split (README: test gIoU
+#: 0.60 / cIoU 0.54 fast path); an untrained model scores about 0.04, "every object in the
+#: scene" about 0.3, the previous shipped model (ViT SAM encoder) 0.56 / 0.49 here. Issue 4's
+#: targets (gIoU and cIoU >= 0.75, "not found" on >= 90% of absent targets) are not reached yet:
+#: see the README's demo-model section.
+GIOU_BOUND = 0.55
+CIOU_BOUND = 0.5
+GENERATE_BOUND = 0.48
 FOUND_BOUND = 0.8
-ABSENT_BOUND = 0.75
+ABSENT_BOUND = 0.8
 MATCHED_FOUND_BOUND = 0.55
 ABSENT_TARGET = 0.9
 
@@ -75,7 +76,7 @@ def test_demo_model_says_when_nothing_matches(demo_report: D.DemoReport) -> None
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap (issue 4): the shipped demo model says 'not found' for about 86% of "
+    reason="known gap (issue 4): the shipped demo model says 'not found' for about 88% of "
     "absent targets; the target is 90%",
 )
 def test_demo_model_reaches_the_absent_target(demo_report: D.DemoReport) -> None:
