@@ -30,7 +30,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -286,6 +286,47 @@ def warmup_conversations(
         yield ids, conversation_labels(text, ids, tokenizer, template)
 
 
+def _train_warmup(
+    params: list[torch.nn.Parameter],
+    cfg: LanguageWarmup | EncoderWarmup,
+    step_loss: Callable[[], torch.Tensor],
+    desc: str,
+    progress: bool,
+) -> list[float]:
+    """The warm-ups' shared loop: AdamW at ``cfg.lr`` (linear warm-up over ``cfg.warmup_steps``,
+    then cosine to 0), gradients clipped at 1, ``cfg.steps`` steps of ``step_loss()``.
+
+    Returns:
+        the mean loss of every ``cfg.log_every`` steps.
+    """
+    from tqdm import tqdm
+
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def rate(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return 0.5 * (1.0 + float(np.cos(np.pi * min(t, 1.0))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    history, window = [], []
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
+    for _ in bar:
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        window.append(loss.item())
+        if len(window) == cfg.log_every:
+            history.append(sum(window) / len(window))
+            window = []
+            bar.set_postfix(loss=f"{history[-1]:.3f}")
+    return history
+
+
 def warm_up_language(
     model: LisaModel, data_dir: str | Path, cfg: LanguageWarmup, progress: bool = True
 ) -> list[float]:
@@ -303,42 +344,23 @@ def warm_up_language(
     Returns:
         the mean loss of every ``cfg.log_every`` steps.
     """
-    from tqdm import tqdm
 
     llm = model.llm
     llm.train()
     params = list(llm.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-    def rate(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        return 0.5 * (1.0 + float(np.cos(np.pi * min(t, 1.0))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     pairs = warmup_conversations(model, data_dir, cfg)
     pad = model.tokenizer.pad_token_id
-    history, window = [], []
-    bar = tqdm(range(cfg.steps), desc="language warm-up", disable=not progress)
-    for _ in bar:
+
+    def step_loss() -> torch.Tensor:
         batch = [next(pairs) for _ in range(cfg.batch_size)]
         input_ids = pad_right([ids for ids, _ in batch], pad)
         labels = pad_right([lab for _, lab in batch], IGNORE_INDEX)
         # The causal LM's own next-token loss (shifted, -100 ignored), as LISA's CE term.
-        loss = llm(input_ids=input_ids, attention_mask=input_ids.ne(pad), labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        window.append(loss.item())
-        if len(window) == cfg.log_every:
-            history.append(sum(window) / len(window))
-            window = []
-            bar.set_postfix(loss=f"{history[-1]:.3f}")
+        return llm(input_ids=input_ids, attention_mask=input_ids.ne(pad), labels=labels).loss
+
+    history = _train_warmup(params, cfg, step_loss, "language warm-up", progress)
     llm.eval()
     return history
 
@@ -459,37 +481,19 @@ def warm_up_sam_encoder(
     for p in params:
         p.requires_grad_(True)
     params += list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-    def rate(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        return 0.5 * (1.0 + float(np.cos(np.pi * min(t, 1.0))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     rng = np.random.default_rng(cfg.seed)
-    history, window = [], []
-    bar = tqdm(range(cfg.steps), desc="encoder warm-up", disable=not progress)
-    for _ in bar:
+
+    def step_loss() -> torch.Tensor:
         ids = rng.integers(count, size=cfg.batch_size).tolist()
         x = torch.stack([images[i] for i in ids]).float()
         logits = head(encoder(x))  # (B, n_shape + n_colour, g, g)
         shape_t = torch.stack([shape_maps[i] for i in ids])
         colour_t = torch.stack([colour_maps[i] for i in ids])
-        loss = torch.nn.functional.cross_entropy(
+        return torch.nn.functional.cross_entropy(
             logits[:, :n_shape], shape_t, weight=shape_weight
         ) + torch.nn.functional.cross_entropy(logits[:, n_shape:], colour_t, weight=colour_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        window.append(loss.item())
-        if len(window) == cfg.log_every:
-            history.append(sum(window) / len(window))
-            window = []
-            bar.set_postfix(loss=f"{history[-1]:.3f}")
+
+    history = _train_warmup(params, cfg, step_loss, "encoder warm-up", progress)
     encoder.eval()
     return history
 
