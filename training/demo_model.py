@@ -219,6 +219,15 @@ def scale_for_scratch_training_(model: LisaModel, seed: int = 0) -> None:
 
 
 # --------------------------------------------------------------------------- language warm-up
+def _check_schedule(cfg: LanguageWarmup | EncoderWarmup) -> None:
+    """The warm-ups' shared check of ``steps``, ``warmup_steps`` and ``lr``."""
+    if cfg.steps < 0 or cfg.warmup_steps < 0 or cfg.lr <= 0:
+        raise ValueError(
+            f"{type(cfg).__name__}: need steps >= 0, warmup_steps >= 0, lr > 0; got {cfg.steps}, "
+            f"{cfg.warmup_steps}, {cfg.lr}"
+        )
+
+
 @dataclass(frozen=True)
 class LanguageWarmup:
     """Text-only training of the fresh demo LLM before ``lisa-train`` (see
@@ -247,11 +256,7 @@ class LanguageWarmup:
 
     def __post_init__(self) -> None:
         check_counts(batch_size=self.batch_size, log_every=self.log_every)
-        if self.steps < 0 or self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError(
-                f"LanguageWarmup: need steps >= 0, warmup_steps >= 0, lr > 0; got {self.steps}, "
-                f"{self.warmup_steps}, {self.lr}"
-            )
+        _check_schedule(self)
 
 
 def warmup_conversations(
@@ -344,7 +349,6 @@ def warm_up_language(
     Returns:
         the mean loss of every ``cfg.log_every`` steps.
     """
-
     llm = model.llm
     llm.train()
     params = list(llm.parameters())
@@ -395,11 +399,7 @@ class EncoderWarmup:
         check_counts(
             batch_size=self.batch_size, log_every=self.log_every, max_images=self.max_images
         )
-        if self.steps < 0 or self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError(
-                f"EncoderWarmup: need steps >= 0, warmup_steps >= 0, lr > 0; got {self.steps}, "
-                f"{self.warmup_steps}, {self.lr}"
-            )
+        _check_schedule(self)
 
 
 def patch_labels(
@@ -477,7 +477,7 @@ def warm_up_sam_encoder(
     colour_weight[-1] = cfg.background_weight
 
     encoder.train()
-    params = [p for p in encoder.parameters()]
+    params = list(encoder.parameters())
     for p in params:
         p.requires_grad_(True)
     params += list(head.parameters())
