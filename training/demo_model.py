@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -461,20 +460,14 @@ def warm_up_sam_encoder(
     split = Path(data_dir) / "train"
     records = ShapesQueriesFile(split / SIDECAR_FILE)
     count = min(cfg.max_images, len(records))
-
-    def read(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, shape_maps, colour_maps = [], [], []
+    for i in tqdm(range(count), desc="encoder warm-up: reading", disable=not progress):
         record = records.record(i)
         resized = sam_resize(read_image(split / record.image), size)
+        images.append(sam_preprocess(resized, size).half())
         sl, cl = patch_labels(record, grid, size, (resized.shape[0], resized.shape[1]))
-        return sam_preprocess(resized, size).half(), sl, cl
-
-    # OpenCV and torch release the GIL: one reading thread per core.
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        read_all = pool.map(read, range(count))
-        loaded = list(
-            tqdm(read_all, total=count, desc="encoder warm-up: reading", disable=not progress)
-        )
-    images, shape_maps, colour_maps = (list(column) for column in zip(*loaded, strict=True))
+        shape_maps.append(sl)
+        colour_maps.append(cl)
     n_shape, n_colour = len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1
     out_chans = int(model.sam.prompt_encoder.embed_dim)
     head = torch.nn.Conv2d(out_chans, n_shape + n_colour, 1)
