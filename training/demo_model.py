@@ -9,10 +9,13 @@ The demo model is trained from scratch by this project's own training code on th
 2. a randomly initialised LISA of :data:`DEMO_SPEC` (:func:`lisa_model.builders.build_lisa`),
    its LLM given a text-only language warm-up on the training split's conversations
    (:func:`warm_up_language`, LISA's stand-in for a pretrained LLaVA), its ``[SEG]``
-   projector centred on the warmed state (:func:`center_seg_projector_`), and its SAM image
+   projector centred on the warmed state (:func:`center_seg_projector_`), its SAM image
    encoder (a small convolutional one, :class:`lisa_model.sam.ConvImageEncoder`) taught the
-   shape and colour under each patch (:func:`warm_up_sam_encoder`, the stand-in for SAM's
-   pretraining);
+   shape, colour and relations under each patch (:func:`warm_up_sam_encoder`) and its SAM mask
+   decoder taught to segment what a concept prompt names (:func:`warm_up_sam_decoder`), the
+   two together the stand-in for SAM's pretraining; last, the ``[SEG]`` projector fitted so
+   that the LLM's state for a query lands on its concept's prompt
+   (:func:`fit_seg_projector_`);
 3. saved self-contained in the published layout (CLIP tower included), so training starts from
    it like from any checkpoint and the result loads with :func:`lisa_model.checkpoint.load_lisa`.
 
@@ -59,11 +62,14 @@ from training.collate import conversation_labels, pad_right
 from training.data.shapes_queries import (
     PRESENT_GROUPS,
     SIDECAR_FILE,
+    ShapesImageRecord,
     ShapesQueriesFile,
     ShapesQueryDataset,
     ShapesQueryMix,
+    ShapesQueryRecord,
     ShapesValDataset,
     concept_answer,
+    query_focus,
     terse_answer,
 )
 from training.data.types import check_counts
@@ -156,6 +162,7 @@ def build_initial_demo_checkpoint(
     vocab_size: int = DEMO_VOCAB_SIZE,
     warmup: LanguageWarmup | None = None,
     encoder_warmup: EncoderWarmup | None = None,
+    decoder_warmup: DecoderWarmup | None = None,
     progress: bool = True,
 ) -> Path:
     """Write the untrained demo model to ``out_dir`` (published layout, CLIP tower included).
@@ -171,6 +178,9 @@ def build_initial_demo_checkpoint(
             defaults of :class:`LanguageWarmup` with ``seed``.
         encoder_warmup: SAM's image encoder warm-up (:func:`warm_up_sam_encoder`); ``None``:
             the defaults of :class:`EncoderWarmup` with ``seed``.
+        decoder_warmup: SAM's mask decoder warm-up (:func:`warm_up_sam_decoder`) and the
+            ``[SEG]`` projector fit after it (:func:`fit_seg_projector_`); ``None``: the
+            defaults of :class:`DecoderWarmup` with ``seed``.
         progress: progress bars for the warm-ups.
 
     Returns:
@@ -186,6 +196,15 @@ def build_initial_demo_checkpoint(
     encoder_warmup = EncoderWarmup(seed=seed) if encoder_warmup is None else encoder_warmup
     if encoder_warmup.steps > 0:
         warm_up_sam_encoder(model, data_dir, encoder_warmup, progress=progress)
+    decoder_warmup = DecoderWarmup(seed=seed) if decoder_warmup is None else decoder_warmup
+    if decoder_warmup.steps > 0:
+        _, prompts = warm_up_sam_decoder(model, data_dir, decoder_warmup, progress=progress)
+        fit = fit_seg_projector_(model, data_dir, prompts, decoder_warmup, progress)
+        if progress:
+            print(
+                f"[SEG] projector fit, cosine to the concept prompts: {fit.before:.2f} before, "
+                f"{fit.fitted:.2f} fitted, {fit.held_out:.2f} held out"
+            )
     return save_lisa(model, out_dir, llm_dtype=torch.float32, include_vision_tower=True)
 
 
@@ -219,7 +238,7 @@ def scale_for_scratch_training_(model: LisaModel, seed: int = 0) -> None:
 
 
 # --------------------------------------------------------------------------- language warm-up
-def _check_schedule(cfg: LanguageWarmup | EncoderWarmup) -> None:
+def _check_schedule(cfg: LanguageWarmup | EncoderWarmup | DecoderWarmup) -> None:
     """The warm-ups' shared check of ``steps``, ``warmup_steps`` and ``lr``."""
     if cfg.steps < 0 or cfg.warmup_steps < 0 or cfg.lr <= 0:
         raise ValueError(
@@ -293,7 +312,7 @@ def warmup_conversations(
 
 def _train_warmup(
     params: list[torch.nn.Parameter],
-    cfg: LanguageWarmup | EncoderWarmup,
+    cfg: LanguageWarmup | EncoderWarmup | DecoderWarmup,
     step_loss: Callable[[], torch.Tensor],
     desc: str,
     progress: bool,
@@ -372,7 +391,7 @@ def warm_up_language(
 # --------------------------------------------------------------------------- encoder warm-up
 @dataclass(frozen=True)
 class EncoderWarmup:
-    """Per-patch shape and colour classification through SAM's image encoder before
+    """Per-patch shape, colour and relation labels through SAM's image encoder before
     ``lisa-train`` (see :func:`warm_up_sam_encoder`).
 
     Attributes:
@@ -382,6 +401,8 @@ class EncoderWarmup:
         warmup_steps: steps of the linear warm-up.
         max_images: training images read (once, into memory: 0.4 MB each at 256 px).
         background_weight: weight of background patches in the cross-entropy.
+        relation_weight: weight of the object patches' :data:`RELATIONS` loss (binary
+            cross-entropy); 0 leaves it out.
         seed: draws of images.
         log_every: steps per entry of the returned loss history.
     """
@@ -392,6 +413,7 @@ class EncoderWarmup:
     warmup_steps: int = 50
     max_images: int = 3000
     background_weight: float = 0.2
+    relation_weight: float = 1.0
     seed: int = 0
     log_every: int = 50
 
@@ -400,16 +422,18 @@ class EncoderWarmup:
             batch_size=self.batch_size, log_every=self.log_every, max_images=self.max_images
         )
         _check_schedule(self)
+        if self.relation_weight < 0:
+            raise ValueError(
+                f"EncoderWarmup: relation_weight must be >= 0, got {self.relation_weight}"
+            )
 
 
-def patch_labels(
-    record, grid: int, img_size: int, resized_hw: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch ``(shape, colour)`` class maps, each ``(grid, grid)`` int64, of one shapes image.
+def patch_owners(record, grid: int, img_size: int, resized_hw: tuple[int, int]) -> torch.Tensor:
+    """The object under each patch, ``(grid, grid)`` int64, -1 for background.
 
     A patch takes the object that covers most of it, if that covers at least half of it, else
-    background (``len(SHAPES)`` / ``len(COLOURS)``). ``resized_hw`` is the image's size inside
-    SAM's padded ``img_size`` square (top-left aligned, as :func:`sam_preprocess` pads).
+    background. ``resized_hw`` is the image's size inside SAM's padded ``img_size`` square
+    (top-left aligned, as :func:`sam_preprocess` pads).
     """
     import cv2
 
@@ -422,19 +446,87 @@ def patch_labels(
         full = np.zeros((img_size, img_size), np.float32)
         full[:h, :w] = mask
         cover.append(cv2.resize(full, (grid, grid), interpolation=cv2.INTER_AREA))
-    owner = np.stack(cover).argmax(0)
-    shape = np.full((grid, grid), len(shapes.SHAPES), np.int64)
-    colour = np.full((grid, grid), len(shapes.COLOURS), np.int64)
-    for k, obj in enumerate(record.objects):
-        shape[owner == k + 1] = shapes.SHAPES.index(obj.shape)
-        colour[owner == k + 1] = shapes.COLOURS.index(obj.colour)
-    return torch.from_numpy(shape), torch.from_numpy(colour)
+    return torch.from_numpy(np.stack(cover).argmax(0).astype(np.int64) - 1)
+
+
+def patch_labels(
+    record, grid: int, img_size: int, resized_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch ``(shape, colour)`` class maps, each ``(grid, grid)`` int64, of one shapes image:
+    the classes of the object under the patch (:func:`patch_owners`), background
+    ``len(SHAPES)`` / ``len(COLOURS)``."""
+    owner = patch_owners(record, grid, img_size, resized_hw)
+    shape_ids = [shapes.SHAPES.index(o.shape) for o in record.objects] + [len(shapes.SHAPES)]
+    colour_ids = [shapes.COLOURS.index(o.colour) for o in record.objects] + [len(shapes.COLOURS)]
+    # owner -1 (background) picks the appended last entry
+    return torch.tensor(shape_ids)[owner], torch.tensor(colour_ids)[owner]
+
+
+#: The object relations of :func:`relation_flags`, in column order.
+RELATIONS: tuple[str, ...] = (
+    "leftmost",
+    "rightmost",
+    "topmost",
+    "bottommost",
+    "biggest",
+    "smallest",
+    "most_corners",
+    "fewest_corners",
+    "biggest_in_left_right_half",
+    "smallest_in_left_right_half",
+    "biggest_in_top_bottom_half",
+    "smallest_in_top_bottom_half",
+)
+
+
+def relation_flags(record) -> torch.Tensor:
+    """``(n_objects, len(RELATIONS))`` float32 0/1: which objects of a shapes image are the
+    extremes the comparison queries ask for (ties: all of them).
+
+    Measured on the visible regions (image frame), as the generator decides its queries: the
+    extreme pixel towards each edge, the visible area, the corner counts
+    (:func:`shapes.corner_range`: most by the fewest count, fewest by the most count), and size
+    among the objects whose centroid is in the same left/right (top/bottom) half.
+    """
+    n = len(record.objects)
+    left, right, top, bottom = (np.zeros(n) for _ in range(4))
+    area, cx, cy = np.zeros(n), np.zeros(n), np.zeros(n)
+    for k in range(n):
+        ys, xs = np.nonzero(record.object_mask(k))
+        if len(xs) == 0:  # hidden entirely: never an extreme
+            left[k], right[k], top[k], bottom[k] = np.inf, -np.inf, np.inf, -np.inf
+            area[k], cx[k], cy[k] = np.nan, -1.0, -1.0
+            continue
+        left[k], right[k], top[k], bottom[k] = xs.min(), xs.max(), ys.min(), ys.max()
+        area[k], cx[k], cy[k] = len(xs), xs.mean(), ys.mean()
+    corners = np.array([shapes.corner_range(o.shape) for o in record.objects]).reshape(n, 2)
+    flags = [
+        left == left.min(),
+        right == right.max(),
+        top == top.min(),
+        bottom == bottom.max(),
+        area == np.nanmax(area),
+        area == np.nanmin(area),
+        corners[:, 0] == corners[:, 0].max(),
+        corners[:, 1] == corners[:, 1].min(),
+    ]
+    for centre, extent in ((cx, record.width), (cy, record.height)):
+        low = centre < extent / 2.0
+        big, small = np.zeros(n, bool), np.zeros(n, bool)
+        for half in (low, ~low):
+            sizes = np.where(half, area, np.nan)
+            if np.isfinite(sizes).any():
+                big |= half & (area == np.nanmax(sizes))
+                small |= half & (area == np.nanmin(sizes))
+        flags += [big, small]
+    return torch.from_numpy(np.stack(flags, 1).astype(np.float32))
 
 
 def warm_up_sam_encoder(
     model: LisaModel, data_dir: str | Path, cfg: EncoderWarmup, progress: bool = True
 ) -> list[float]:
-    """Train SAM's image encoder to tell the shape and colour under each patch, in place.
+    """Train SAM's image encoder to tell the shape, colour and relations under each patch, in
+    place.
 
     LISA starts from a pretrained SAM whose image embedding already separates objects and their
     forms; a fresh encoder trained only through the mask loss of ``lisa-train`` does not learn
@@ -445,6 +537,19 @@ def warm_up_sam_encoder(
     (:func:`patch_labels`). The head is discarded; only the encoder keeps what it learned.
     Measured on the demo's :class:`~lisa_model.sam.ConvImageEncoder` (linear probe, test
     images): 81% of held-out objects' shapes after 600 steps, 94% after 1,000 (8 minutes).
+
+    The same head also predicts, on object patches, whether the object is one of the scene's
+    extremes (:data:`RELATIONS`: leftmost, biggest, most corners, ...; binary cross-entropy
+    weighted ``cfg.relation_weight``). Real SAM features hold no such thing (LISA's 7B LLM does
+    the comparing); the demo's mask decoder, trained within minutes, compares objects poorly
+    by itself. With these labels a comparison becomes a lookup like a colour: the decoder
+    warm-up (:func:`warm_up_sam_decoder`, 500 steps, validation queries, low resolution) reached
+    0.76-0.79 gIoU on positions, 0.83 on "the biggest", 0.62 on "the smallest" on this encoder,
+    against 0.58-0.60, 0.60 and 0.40 on one warmed up without them (all queries: 0.744 against
+    0.696). Linear probe after 1,000 steps, held-out test objects (balanced
+    accuracy, chance 0.5): leftmost/rightmost/topmost/bottommost 0.90-0.95, biggest 0.86,
+    smallest 0.75, by half 0.65-0.78, corners 0.71-0.73 (the encoder before: 0.50-0.54 for
+    positions); shape 93% as without them.
 
     Returns:
         the mean loss of every ``cfg.log_every`` steps.
@@ -460,17 +565,22 @@ def warm_up_sam_encoder(
     split = Path(data_dir) / "train"
     records = ShapesQueriesFile(split / SIDECAR_FILE)
     count = min(cfg.max_images, len(records))
-    images, shape_maps, colour_maps = [], [], []
+    images, shape_maps, colour_maps, relation_maps = [], [], [], []
     for i in tqdm(range(count), desc="encoder warm-up: reading", disable=not progress):
         record = records.record(i)
         resized = sam_resize(read_image(split / record.image), size)
         images.append(sam_preprocess(resized, size).half())
-        sl, cl = patch_labels(record, grid, size, (resized.shape[0], resized.shape[1]))
+        hw = (resized.shape[0], resized.shape[1])
+        owner = patch_owners(record, grid, size, hw)
+        sl, cl = patch_labels(record, grid, size, hw)
         shape_maps.append(sl)
         colour_maps.append(cl)
+        # (grid, grid, R) flags of the patch's object; background rows are NaN (no loss)
+        flags = torch.cat([relation_flags(record), torch.full((1, len(RELATIONS)), torch.nan)])
+        relation_maps.append(flags[owner].half())
     n_shape, n_colour = len(shapes.SHAPES) + 1, len(shapes.COLOURS) + 1
     out_chans = int(model.sam.prompt_encoder.embed_dim)
-    head = torch.nn.Conv2d(out_chans, n_shape + n_colour, 1)
+    head = torch.nn.Conv2d(out_chans, n_shape + n_colour + len(RELATIONS), 1)
     shape_weight = torch.ones(n_shape)
     shape_weight[-1] = cfg.background_weight
     colour_weight = torch.ones(n_colour)
@@ -486,16 +596,306 @@ def warm_up_sam_encoder(
     def step_loss() -> torch.Tensor:
         ids = rng.integers(count, size=cfg.batch_size).tolist()
         x = torch.stack([images[i] for i in ids]).float()
-        logits = head(encoder(x))  # (B, n_shape + n_colour, g, g)
+        logits = head(encoder(x))  # (B, n_shape + n_colour + R, g, g)
         shape_t = torch.stack([shape_maps[i] for i in ids])
         colour_t = torch.stack([colour_maps[i] for i in ids])
-        return torch.nn.functional.cross_entropy(
+        loss = torch.nn.functional.cross_entropy(
             logits[:, :n_shape], shape_t, weight=shape_weight
-        ) + torch.nn.functional.cross_entropy(logits[:, n_shape:], colour_t, weight=colour_weight)
+        ) + torch.nn.functional.cross_entropy(
+            logits[:, n_shape : n_shape + n_colour], colour_t, weight=colour_weight
+        )
+        relation_t = torch.stack([relation_maps[i] for i in ids]).float()  # (B, g, g, R)
+        owned = ~relation_t[..., 0].isnan()
+        if cfg.relation_weight > 0 and owned.any():
+            relation_logits = logits[:, n_shape + n_colour :].permute(0, 2, 3, 1)[owned]
+            loss = loss + cfg.relation_weight * (
+                torch.nn.functional.binary_cross_entropy_with_logits(
+                    relation_logits, relation_t[owned]
+                )
+            )
+        return loss
 
     history = _train_warmup(params, cfg, step_loss, "encoder warm-up", progress)
     encoder.eval()
     return history
+
+
+# --------------------------------------------------------------------------- decoder warm-up
+@dataclass(frozen=True)
+class DecoderWarmup:
+    """Concept-prompted training of SAM's mask decoder, then a fit of the ``[SEG]`` projector
+    (see :func:`warm_up_sam_decoder` and :func:`fit_seg_projector_`).
+
+    Attributes:
+        steps: optimiser steps of the decoder; 0 skips the warm-up and the fit.
+        batch_size: images per step.
+        queries_per_image: present-target queries (masks) per image and step.
+        lr: peak AdamW rate (linear warm-up over ``warmup_steps``, then cosine to 0).
+        warmup_steps: steps of the linear warm-up.
+        max_images: training images whose SAM embeddings are computed once and kept
+            (``(256, 32, 32)`` float16, 0.5 MB each, for the demo's SAM).
+        fit_samples: training queries whose ``[SEG]`` states the projector is fitted on.
+        bf16: run the decoder's forward under bfloat16 autocast (weights and optimiser stay
+            float32): 1.4x faster on a CPU with AVX512-BF16, as on CUDA.
+        seed: draws of images and queries.
+        log_every: steps per entry of the returned loss history.
+    """
+
+    steps: int = 400
+    batch_size: int = 8
+    queries_per_image: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    max_images: int = 1200
+    fit_samples: int = 2048
+    bf16: bool = True
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        check_counts(
+            batch_size=self.batch_size,
+            queries_per_image=self.queries_per_image,
+            log_every=self.log_every,
+            max_images=self.max_images,
+            fit_samples=self.fit_samples,
+        )
+        _check_schedule(self)
+
+
+def concept_key(record: ShapesImageRecord, query: ShapesQueryRecord) -> str:
+    """What a present-target query asks for, in words: ``"red triangle"``, ``"round"``,
+    ``"leftmost"``, ``"biggest on the left"`` (:attr:`Focus.key`, from the query's words)."""
+    return query_focus(record, query).key
+
+
+class ConceptPrompts(torch.nn.Module):
+    """SAM prompts ``(N, 256)`` for concept keys: the sum of one learned vector per word, so
+    ``"red triangle"`` is ``red + triangle`` and ``"biggest on the left"`` shares ``biggest``
+    with ``"biggest"``.
+
+    Args:
+        words: the vocabulary (every word of every key it will be asked for).
+        dim: prompt width (SAM's 256).
+        seed: the N(0, 1) initialisation (the scale of SAM's own point prompts).
+    """
+
+    def __init__(self, words: Sequence[str], dim: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.words = tuple(sorted(set(words)))
+        self.index = {w: i for i, w in enumerate(self.words)}
+        generator = torch.Generator().manual_seed(seed)
+        self.table = torch.nn.Parameter(torch.randn(len(self.words), dim, generator=generator))
+
+    def forward(self, keys: Sequence[str]) -> torch.Tensor:
+        rows = []
+        for key in keys:
+            unknown = [w for w in key.split() if w not in self.index]
+            if unknown or not key.split():
+                raise KeyError(f"ConceptPrompts: no vector for {unknown or key!r} in {key!r}")
+            rows.append(self.table[[self.index[w] for w in key.split()]].sum(0))
+        return torch.stack(rows)
+
+
+def _present_queries(record: ShapesImageRecord) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        (concept_key(record, q), q.target_ids)
+        for q in record.queries
+        if q.kind != "absent" and q.target_ids
+    ]
+
+
+def warm_up_sam_decoder(
+    model: LisaModel, data_dir: str | Path, cfg: DecoderWarmup, progress: bool = True
+) -> tuple[list[float], ConceptPrompts]:
+    """Train SAM's mask decoder to segment what a concept prompt names, in place.
+
+    LISA's SAM comes pretrained: its decoder already turns a prompt into the mask of one
+    object. The demo's decoder starts from random weights, and trained only through the LLM
+    inside ``lisa-train`` (about 11 masks a second on two cores, most of the 800 steps spent on
+    colours) it never learned the comparisons: "the leftmost one", "the smallest" scored
+    0.26-0.37 gIoU while the LLM's prompts told them apart (linear probe 97%). This is the
+    demo's stand-in for SAM's pretraining, with concept prompts in place of points (as SAM's
+    own text-to-mask experiment put CLIP embeddings in the prompt slot): each present query of
+    the training split is prompted by :class:`ConceptPrompts` of its :func:`concept_key`, and
+    the decoder (with the prompt encoder's no-mask embedding and the word vectors) learns the
+    union mask of its targets with ``lisa-train``'s mask losses (BCE 2, Dice 0.5) on the
+    ``(4g, 4g)`` low-resolution logits. SAM's image encoder is fixed (its embeddings are
+    computed once), so a step costs only the decoder: about 30 masks a second on two cores
+    under bfloat16 autocast (``cfg.bf16``), 27 in float32.
+
+    Returns:
+        ``(history, prompts)``: the mean loss of every ``cfg.log_every`` steps, and the trained
+        concept prompts (for :func:`fit_seg_projector_`).
+    """
+    import cv2
+    from tqdm import tqdm
+
+    from lisa_model.losses import mask_losses
+    from lisa_model.processing import sam_preprocess, sam_resize
+    from training.data.types import read_image
+
+    sam = model.sam
+    size = int(sam.image_encoder.img_size)
+    low = 4 * int(sam.prompt_encoder.image_embedding_size[0])
+    split = Path(data_dir) / "train"
+    records = ShapesQueriesFile(split / SIDECAR_FILE)
+    count = min(cfg.max_images, len(records))
+    embeddings, object_masks, queries = [], [], []
+    sam.image_encoder.eval()
+    for i in tqdm(range(count), desc="decoder warm-up: embedding", disable=not progress):
+        record = records.record(i)
+        resized = sam_resize(read_image(split / record.image), size)
+        with torch.no_grad():
+            x = sam_preprocess(resized, size)[None].to(model.sam_dtype)
+            embeddings.append(sam.image_encoder(x)[0].half())  # (256, g, g)
+        h, w = resized.shape[:2]
+        masks = []
+        for k in range(len(record.objects)):
+            full = np.zeros((size, size), np.float32)  # SAM's padded frame, top-left aligned
+            full[:h, :w] = cv2.resize(
+                record.object_mask(k).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA
+            )
+            masks.append(cv2.resize(full, (low, low), interpolation=cv2.INTER_AREA))
+        object_masks.append(torch.from_numpy(np.stack(masks)))  # (n_obj, 4g, 4g), soft 0..1
+        queries.append(_present_queries(record))
+    usable = [i for i in range(count) if queries[i]]
+    if not usable:
+        raise ValueError(f"decoder warm-up: no present-target query in {split / SIDECAR_FILE}")
+    prompts = ConceptPrompts([w for qs in queries for key, _ in qs for w in key.split()])
+    decoder, no_mask = sam.mask_decoder, sam.prompt_encoder.no_mask_embed
+    decoder.train()
+    params = [*decoder.parameters(), *no_mask.parameters(), *prompts.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    rng = np.random.default_rng(cfg.seed)
+
+    def step_loss() -> torch.Tensor:
+        preds, targets = [], []
+        for i in rng.choice(usable, size=cfg.batch_size).tolist():
+            qs = queries[i]
+            picks = rng.choice(len(qs), size=min(cfg.queries_per_image, len(qs)), replace=False)
+            keys = [qs[j][0] for j in picks]
+            with torch.autocast(model.device.type, torch.bfloat16, enabled=cfg.bf16):
+                preds.append(model.decode_masks(embeddings[i][None], prompts(keys)).float())
+            targets.append(
+                torch.stack([object_masks[i][list(qs[j][1])].sum(0).clamp(max=1) for j in picks])
+            )
+        return mask_losses(preds, targets).total
+
+    history = _train_warmup(params, cfg, step_loss, "decoder warm-up", progress)
+    decoder.eval()
+    prompts.requires_grad_(False)
+    return history, prompts
+
+
+@torch.no_grad()
+def seg_states(
+    model: LisaModel, samples: Sequence, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
+    """``(N, H)`` final-norm LLM states that SAM reads for the ``[SEG]`` of ``samples`` (one
+    ``[SEG]`` each: :class:`ShapesValDataset` present-target samples, answer ``"[SEG]."``)."""
+    from tqdm import tqdm
+
+    from lisa_model.modeling import seg_hidden_positions
+    from training.evaluate import make_collator
+
+    collate = make_collator(model)
+    states = []
+    starts = range(0, len(samples), batch_size)
+    for start in tqdm(starts, desc="[SEG] states", unit="batch", disable=not progress):
+        batch = collate(samples[start : start + batch_size])
+        clip = model.encode_clip(batch.images_clip.to(model.device, model.dtype))
+        offsets = [int(o) for o in batch.offsets]
+        counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])])
+        ids = batch.input_ids.to(model.device)
+        embeds, mask, _ = model.embed_inputs(
+            ids, clip.repeat_interleave(counts, dim=0), batch.attention_mask.to(model.device)
+        )
+        hidden = model.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        rows, pos = seg_hidden_positions(
+            ids, model.seg_token_id, model.image_token_index, model.num_image_tokens
+        )
+        if len(rows) != ids.shape[0]:
+            raise ValueError(f"seg_states: {len(rows)} [SEG] tokens in {ids.shape[0]} samples")
+        states.append(hidden[rows, pos].float())
+    return torch.cat(states)
+
+
+@dataclass(frozen=True)
+class ProjectorFit:
+    """Mean cosine between projected ``[SEG]`` states and their concept prompts (see
+    :func:`fit_seg_projector_`): before the fit, after it on the queries it was fitted on, and
+    after it on held-out queries (one in ten, none fitted on)."""
+
+    before: float
+    fitted: float
+    held_out: float
+
+
+def fit_seg_projector_(
+    model: LisaModel,
+    data_dir: str | Path,
+    prompts: ConceptPrompts,
+    cfg: DecoderWarmup,
+    progress: bool = True,
+) -> ProjectorFit:
+    """Fit the ``[SEG]`` projector so that the LLM's state for a query becomes the concept
+    prompt the warmed-up decoder knows (in place).
+
+    ``cfg.fit_samples`` present-target training queries are asked in the fast path's form (the
+    ReasonSeg validation question, answer ``"[SEG]."``) with their image, as ``lisa-train``
+    and ``lisa-eval`` ask them; their ``[SEG]`` states (:func:`seg_states`) are regressed onto
+    ``prompts(concept_key)``: the output layer by least squares (a tiny ridge) on the first
+    layer's features, in closed form. (A few AdamW steps on both layers after it, tried, undid
+    the fit: the solution is finely balanced.) One query in ten is held out to report how well
+    the fit generalises. The LLM, CLIP, SAM and the projector's first layer are left as they
+    are.
+    """
+    from tqdm import tqdm
+
+    dataset = ShapesValDataset(data_dir, "train", max_images=cfg.max_images)
+    rng = np.random.default_rng(cfg.seed + 1)
+    picks = rng.choice(len(dataset), size=min(cfg.fit_samples, len(dataset)), replace=False)
+    samples, keys = [], []
+    for i in tqdm(picks.tolist(), desc="[SEG] projector fit: reading", disable=not progress):
+        record = dataset.file.record(dataset.items[i][0])
+        keys.append(concept_key(record, dataset.query(i)))
+        samples.append(dataset[i])
+    was_training = model.training
+    model.eval()
+    states = seg_states(model, samples, progress=progress)
+    model.train(was_training)
+    targets = prompts(keys).detach()
+    held = torch.zeros(len(states), dtype=torch.bool)
+    held[::10] = len(states) >= 10  # none held out of fewer than ten
+    fit_states, fit_targets = states[~held], targets[~held]
+    projector = model.seg_projector
+    first, last = projector[0], projector[2]
+
+    def cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+        if len(x) == 0:
+            return float("nan")
+        with torch.no_grad():
+            return float(torch.nn.functional.cosine_similarity(projector(x), y).mean())
+
+    before = cosine(states[held], targets[held]) if held.any() else cosine(states, targets)
+    with torch.no_grad():
+        features = torch.relu(first(fit_states)).double()
+        features = torch.cat([features, features.new_ones(len(features), 1)], 1)  # (N, H + 1)
+        gram = features.T @ features
+        ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
+        solution = torch.linalg.solve(
+            gram + ridge * torch.eye(len(gram), dtype=gram.dtype),
+            features.T @ fit_targets.double(),
+        )  # (H + 1, 256)
+        last.weight.copy_(solution[:-1].T.to(last.weight.dtype))
+        last.bias.copy_(solution[-1].to(last.bias.dtype))
+    return ProjectorFit(
+        before=before,
+        fitted=cosine(fit_states, fit_targets),
+        held_out=cosine(states[held], targets[held]),
+    )
 
 
 @torch.no_grad()
@@ -765,6 +1165,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=EncoderWarmup.steps,
         help="steps of SAM's image encoder warm-up on per-patch shapes and colours (0: none)",
     )
+    init.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=DecoderWarmup.steps,
+        help="steps of SAM's mask decoder warm-up on concept prompts, followed by the [SEG] "
+        "projector fit (0: neither)",
+    )
     wu = sub.add_parser(
         "warmup", help="train a checkpoint's LLM on the shapes conversations as text"
     )
@@ -800,6 +1207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
             if args.encoder_steps < 0:
                 raise ValueError(f"--encoder-steps must be >= 0, got {args.encoder_steps}")
+            if args.decoder_steps < 0:
+                raise ValueError(f"--decoder-steps must be >= 0, got {args.decoder_steps}")
             out = build_initial_demo_checkpoint(
                 args.out,
                 args.data,
@@ -807,6 +1216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 vocab_size=args.vocab_size,
                 warmup=LanguageWarmup(steps=args.warmup_steps, seed=args.seed),
                 encoder_warmup=EncoderWarmup(steps=args.encoder_steps, seed=args.seed),
+                decoder_warmup=DecoderWarmup(steps=args.decoder_steps, seed=args.seed),
             )
             config = json.loads((out / "config.json").read_text())
             print(f"wrote the initial demo checkpoint to {out} (vocab {config['vocab_size']})")

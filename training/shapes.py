@@ -197,6 +197,13 @@ _SHAPE_KINDS: dict[str, _ShapeKind] = {
 }
 SHAPES: tuple[str, ...] = tuple(_SHAPE_KINDS)
 
+
+def corner_range(shape: str) -> tuple[int, int]:
+    """``(fewest, most)`` corners a person could count on ``shape`` (a star: 5 tips, 10 corners),
+    as the corner queries compare them."""
+    return _SHAPE_KINDS[shape].corners
+
+
 # Things whose colour everyone knows, for the "colour of ..." queries.
 _COLOUR_THINGS: dict[str, tuple[str, ...]] = {
     "red": ("a ripe strawberry", "a fire truck", "a ripe tomato"),
