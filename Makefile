@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lisa-replay examples/demo_bag --out demo_out/demo_bag_lisa \
 		--overlays demo_out/demo_bag_overlays
 
-# Retrain the embedded demo model from scratch (about 35 min on 2 CPU cores), see README.
+# Retrain the embedded demo model from scratch (about 27 min on 2 CPU cores), see README.
 DEMO_WORK ?= runs/demo-model
 demo-model: $(STAMP)
 	rm -rf $(DEMO_WORK)
@@ -44,16 +44,8 @@ demo-model: $(STAMP)
 		--train 3000 --val 100 --test 200 --objects 2 4 --seed 0
 	$(PY) -m training.demo_model init --data $(DEMO_WORK)/data/reason_seg/Shapes \
 		--out $(DEMO_WORK)/init
-	$(VENV)/bin/lisa-train --config training/configs/shapes_demo_stage1.yaml \
-		model.source=$(DEMO_WORK)/init data.dataset_dir=$(DEMO_WORK)/data \
-		run.output_dir=$(DEMO_WORK)/stage1/run
-	$(VENV)/bin/lisa-export $(DEMO_WORK)/stage1/run --out $(DEMO_WORK)/stage1/model --dtype float32
-	$(VENV)/bin/lisa-train --config training/configs/shapes_demo_stage2.yaml \
-		model.source=$(DEMO_WORK)/stage1/model data.dataset_dir=$(DEMO_WORK)/data \
-		run.output_dir=$(DEMO_WORK)/stage2/run
-	$(VENV)/bin/lisa-export $(DEMO_WORK)/stage2/run --out $(DEMO_WORK)/stage2/model --dtype float32
 	$(VENV)/bin/lisa-train --config training/configs/shapes_demo.yaml \
-		model.source=$(DEMO_WORK)/stage2/model data.dataset_dir=$(DEMO_WORK)/data \
+		model.source=$(DEMO_WORK)/init data.dataset_dir=$(DEMO_WORK)/data \
 		run.output_dir=$(DEMO_WORK)/run
 	$(VENV)/bin/lisa-export $(DEMO_WORK)/run --out $(DEMO_WORK)/model
 	$(VENV)/bin/lisa-eval --model $(DEMO_WORK)/model --data $(DEMO_WORK)/data/reason_seg/Shapes \
