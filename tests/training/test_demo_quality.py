@@ -17,20 +17,20 @@ from training import shapes as S
 
 #: Test-split images scored here (a fixed subset; the full split is 200 images).
 SUBSET = 24
-#: Lower bounds, below what the shipped model scores on this subset (fast path gIoU 0.64 / cIoU
-#: 0.59, generation 0.57, present targets found 88%, absent targets "not found" 88%, present
-#: targets of the absent queries' kinds found 64%) and on the whole split (README: test gIoU
-#: 0.60 / cIoU 0.54 fast path); an untrained model scores about 0.04, "every object in the
-#: scene" about 0.3, the previous shipped model (ViT SAM encoder) 0.56 / 0.49 here. Issue 4's
-#: targets (gIoU and cIoU >= 0.75, "not found" on >= 90% of absent targets) are not reached yet:
-#: see the README's demo-model section.
-GIOU_BOUND = 0.55
-CIOU_BOUND = 0.5
-GENERATE_BOUND = 0.48
+#: Lower bounds, below what the shipped model scores on this subset (fast path gIoU 0.66 / cIoU
+#: 0.60, generation 0.58, present targets found 88%, absent targets "not found" 97%, present
+#: targets of the absent queries' kinds found 57%) and on the whole split (README: test gIoU
+#: 0.69 / cIoU 0.68 fast path); an untrained model scores about 0.04, "every object in the
+#: scene" about 0.3, the previous shipped model (three lisa-train stages, no decoder warm-up)
+#: 0.64 / 0.59 here. Issue 4's "not found" target (>= 90% of absent targets) is asserted; its
+#: gIoU and cIoU target (>= 0.75) is not reached yet: see the README's demo-model section.
+GIOU_BOUND = 0.6
+CIOU_BOUND = 0.55
+GENERATE_BOUND = 0.52
 FOUND_BOUND = 0.8
-ABSENT_BOUND = 0.8
-MATCHED_FOUND_BOUND = 0.55
-ABSENT_TARGET = 0.9
+ABSENT_BOUND = 0.9
+MATCHED_FOUND_BOUND = 0.5
+SEGMENT_TARGET = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,9 @@ def test_demo_model_says_when_nothing_matches(demo_report: D.DemoReport) -> None
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap (issue 4): the shipped demo model says 'not found' for about 88% of "
-    "absent targets; the target is 90%",
+    reason="known gap (issue 4): the shipped demo model's test gIoU / cIoU are 0.69 / 0.68 "
+    "(0.66 / 0.60 on this subset); the target is 0.75",
 )
-def test_demo_model_reaches_the_absent_target(demo_report: D.DemoReport) -> None:
-    assert demo_report.absent_not_found["overall"] >= ABSENT_TARGET, demo_report.absent_not_found
+def test_demo_model_reaches_the_segmentation_target(demo_report: D.DemoReport) -> None:
+    segment = demo_report.segment["overall"]
+    assert segment["giou"] >= SEGMENT_TARGET and segment["ciou"] >= SEGMENT_TARGET, segment
