@@ -763,6 +763,7 @@ def warm_up_sam_decoder(
     if not usable:
         raise ValueError(f"decoder warm-up: no present-target query in {split / SIDECAR_FILE}")
     prompts = ConceptPrompts([w for qs in queries for key, _ in qs for w in key.split()])
+    prompts.to(model.device)
     decoder, no_mask = sam.mask_decoder, sam.prompt_encoder.no_mask_embed
     decoder.train()
     params = [*decoder.parameters(), *no_mask.parameters(), *prompts.parameters()]
@@ -778,9 +779,8 @@ def warm_up_sam_decoder(
             keys = [qs[j][0] for j in picks]
             with torch.autocast(model.device.type, torch.bfloat16, enabled=cfg.bf16):
                 preds.append(model.decode_masks(embeddings[i][None], prompts(keys)).float())
-            targets.append(
-                torch.stack([object_masks[i][list(qs[j][1])].sum(0).clamp(max=1) for j in picks])
-            )
+            target = [object_masks[i][list(qs[j][1])].sum(0).clamp(max=1) for j in picks]
+            targets.append(torch.stack(target).to(preds[-1].device))
         return mask_losses(preds, targets).total
 
     history = _train_warmup(params, cfg, step_loss, "decoder warm-up", progress)
@@ -866,8 +866,8 @@ def fit_seg_projector_(
     model.eval()
     states = seg_states(model, samples, progress=progress)
     model.train(was_training)
-    targets = prompts(keys).detach()
-    held = torch.zeros(len(states), dtype=torch.bool)
+    targets = prompts(keys).detach().to(states.device, torch.float32)
+    held = torch.zeros(len(states), dtype=torch.bool, device=states.device)
     held[::10] = len(states) >= 10  # none held out of fewer than ten
     fit_states, fit_targets = states[~held], targets[~held]
     projector = model.seg_projector
@@ -877,16 +877,17 @@ def fit_seg_projector_(
         if len(x) == 0:
             return float("nan")
         with torch.no_grad():
-            return float(torch.nn.functional.cosine_similarity(projector(x), y).mean())
+            projected = model.project_seg_hidden(x).float()
+            return float(torch.nn.functional.cosine_similarity(projected, y).mean())
 
     before = cosine(states[held], targets[held]) if held.any() else cosine(states, targets)
     with torch.no_grad():
-        features = torch.relu(first(fit_states)).double()
+        features = torch.relu(first(fit_states.to(first.weight.dtype))).double()
         features = torch.cat([features, features.new_ones(len(features), 1)], 1)  # (N, H + 1)
         gram = features.T @ features
         ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
         solution = torch.linalg.solve(
-            gram + ridge * torch.eye(len(gram), dtype=gram.dtype),
+            gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device),
             features.T @ fit_targets.double(),
         )  # (H + 1, 256)
         last.weight.copy_(solution[:-1].T.to(last.weight.dtype))
