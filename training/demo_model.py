@@ -428,25 +428,33 @@ class EncoderWarmup:
             )
 
 
-def patch_owners(record, grid: int, img_size: int, resized_hw: tuple[int, int]) -> torch.Tensor:
-    """The object under each patch, ``(grid, grid)`` int64, -1 for background.
-
-    A patch takes the object that covers most of it, if that covers at least half of it, else
-    background. ``resized_hw`` is the image's size inside SAM's padded ``img_size`` square
-    (top-left aligned, as :func:`sam_preprocess` pads).
-    """
+def object_coverage(record, size: int, img_size: int, resized_hw: tuple[int, int]) -> np.ndarray:
+    """``(n_objects, size, size)`` float32 in [0, 1]: how much of each cell of a ``size`` grid
+    over SAM's padded ``img_size`` square each object covers. ``resized_hw`` is the image's size
+    inside that square (top-left aligned, as :func:`sam_preprocess` pads)."""
     import cv2
 
     h, w = resized_hw
-    cover = [np.full((grid, grid), 0.5, np.float32)]  # background wins below half a patch
+    cover = []
     for k in range(len(record.objects)):
         mask = cv2.resize(
             record.object_mask(k).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA
         )
         full = np.zeros((img_size, img_size), np.float32)
         full[:h, :w] = mask
-        cover.append(cv2.resize(full, (grid, grid), interpolation=cv2.INTER_AREA))
-    return torch.from_numpy(np.stack(cover).argmax(0).astype(np.int64) - 1)
+        cover.append(cv2.resize(full, (size, size), interpolation=cv2.INTER_AREA))
+    return np.stack(cover) if cover else np.zeros((0, size, size), np.float32)
+
+
+def patch_owners(record, grid: int, img_size: int, resized_hw: tuple[int, int]) -> torch.Tensor:
+    """The object under each patch, ``(grid, grid)`` int64, -1 for background.
+
+    A patch takes the object that covers most of it (:func:`object_coverage`), if that covers
+    at least half of it, else background.
+    """
+    background = np.full((1, grid, grid), 0.5, np.float32)  # wins below half a patch
+    cover = np.concatenate([background, object_coverage(record, grid, img_size, resized_hw)])
+    return torch.from_numpy(cover.argmax(0).astype(np.int64) - 1)
 
 
 def patch_labels(
@@ -728,7 +736,6 @@ def warm_up_sam_decoder(
         ``(history, prompts)``: the mean loss of every ``cfg.log_every`` steps, and the trained
         concept prompts (for :func:`fit_seg_projector_`).
     """
-    import cv2
     from tqdm import tqdm
 
     from lisa_model.losses import mask_losses
@@ -749,15 +756,9 @@ def warm_up_sam_decoder(
         with torch.no_grad():
             x = sam_preprocess(resized, size)[None].to(model.sam_dtype)
             embeddings.append(sam.image_encoder(x)[0].half())  # (256, g, g)
-        h, w = resized.shape[:2]
-        masks = []
-        for k in range(len(record.objects)):
-            full = np.zeros((size, size), np.float32)  # SAM's padded frame, top-left aligned
-            full[:h, :w] = cv2.resize(
-                record.object_mask(k).astype(np.float32), (w, h), interpolation=cv2.INTER_AREA
-            )
-            masks.append(cv2.resize(full, (low, low), interpolation=cv2.INTER_AREA))
-        object_masks.append(torch.from_numpy(np.stack(masks)))  # (n_obj, 4g, 4g), soft 0..1
+        hw = (resized.shape[0], resized.shape[1])
+        # (n_obj, 4g, 4g) soft 0..1 targets in the decoder's low-resolution frame
+        object_masks.append(torch.from_numpy(object_coverage(record, low, size, hw)))
         queries.append(_present_queries(record))
     usable = [i for i in range(count) if queries[i]]
     if not usable:
