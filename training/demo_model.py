@@ -458,12 +458,17 @@ def patch_owners(record, grid: int, img_size: int, resized_hw: tuple[int, int]) 
 
 
 def patch_labels(
-    record, grid: int, img_size: int, resized_hw: tuple[int, int]
+    record,
+    grid: int,
+    img_size: int,
+    resized_hw: tuple[int, int],
+    owner: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch ``(shape, colour)`` class maps, each ``(grid, grid)`` int64, of one shapes image:
-    the classes of the object under the patch (:func:`patch_owners`), background
-    ``len(SHAPES)`` / ``len(COLOURS)``."""
-    owner = patch_owners(record, grid, img_size, resized_hw)
+    the classes of the object under the patch (:func:`patch_owners`, or ``owner`` when the
+    caller has it already), background ``len(SHAPES)`` / ``len(COLOURS)``."""
+    if owner is None:
+        owner = patch_owners(record, grid, img_size, resized_hw)
     shape_ids = [shapes.SHAPES.index(o.shape) for o in record.objects] + [len(shapes.SHAPES)]
     colour_ids = [shapes.COLOURS.index(o.colour) for o in record.objects] + [len(shapes.COLOURS)]
     # owner -1 (background) picks the appended last entry
@@ -580,7 +585,7 @@ def warm_up_sam_encoder(
         images.append(sam_preprocess(resized, size).half())
         hw = (resized.shape[0], resized.shape[1])
         owner = patch_owners(record, grid, size, hw)
-        sl, cl = patch_labels(record, grid, size, hw)
+        sl, cl = patch_labels(record, grid, size, hw, owner=owner)
         shape_maps.append(sl)
         colour_maps.append(cl)
         # (grid, grid, R) flags of the patch's object; background rows are NaN (no loss)
