@@ -703,10 +703,11 @@ class ConceptPrompts(torch.nn.Module):
     def forward(self, keys: Sequence[str]) -> torch.Tensor:
         rows = []
         for key in keys:
-            unknown = [w for w in key.split() if w not in self.index]
-            if unknown or not key.split():
+            words = key.split()
+            unknown = [w for w in words if w not in self.index]
+            if unknown or not words:
                 raise KeyError(f"ConceptPrompts: no vector for {unknown or key!r} in {key!r}")
-            rows.append(self.table[[self.index[w] for w in key.split()]].sum(0))
+            rows.append(self.table[[self.index[w] for w in words]].sum(0))
         return torch.stack(rows)
 
 
@@ -759,8 +760,8 @@ def warm_up_sam_decoder(
         record = records.record(i)
         resized = sam_resize(read_image(split / record.image), size)
         with torch.no_grad():
-            x = sam_preprocess(resized, size)[None].to(model.sam_dtype)
-            embeddings.append(sam.image_encoder(x)[0].half())  # (256, g, g)
+            embedding = model.encode_sam(sam_preprocess(resized, size)[None])
+        embeddings.append(embedding[0].half())  # (256, g, g)
         hw = (resized.shape[0], resized.shape[1])
         # (n_obj, 4g, 4g) soft 0..1 targets in the decoder's low-resolution frame
         object_masks.append(torch.from_numpy(object_coverage(record, low, size, hw)))
