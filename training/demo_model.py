@@ -797,6 +797,39 @@ def read_decoder_data(
     return data
 
 
+def _mask_step_loss(
+    model: LisaModel,
+    data: DecoderData,
+    images: Sequence[int],
+    queries: Sequence | dict,
+    prompt: Callable[[list], torch.Tensor],
+    cfg: DecoderWarmup | SegTuning,
+    rng: np.random.Generator,
+) -> Callable[[], torch.Tensor]:
+    """The decoder warm-up's and the ``[SEG]`` tuning's step: ``cfg.batch_size`` draws of
+    ``images``, up to ``cfg.queries_per_image`` of each one's ``queries[image]`` (``(source,
+    target ids)`` pairs), prompts ``prompt(sources)``, ``lisa-train``'s mask losses against the
+    union masks in the decoder's low-resolution frame."""
+    from lisa_model.losses import mask_losses
+
+    bf16 = native_bf16(model.device) if cfg.bf16 is None else cfg.bf16
+
+    def step_loss() -> torch.Tensor:
+        preds, targets = [], []
+        for image in rng.choice(images, size=cfg.batch_size).tolist():
+            pairs = queries[image]
+            n = min(cfg.queries_per_image, len(pairs))
+            chosen = [pairs[j] for j in rng.choice(len(pairs), size=n, replace=False)]
+            with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
+                prompts = prompt([source for source, _ in chosen])
+                preds.append(model.decode_masks(data.embeddings[image][None], prompts).float())
+            target = [data.target(image, ids) for _, ids in chosen]
+            targets.append(torch.stack(target).to(preds[-1].device))
+        return mask_losses(preds, targets).total
+
+    return step_loss
+
+
 def warm_up_sam_decoder(
     model: LisaModel,
     data_dir: str | Path,
@@ -825,11 +858,9 @@ def warm_up_sam_decoder(
         ``(history, prompts)``: the mean loss of every ``cfg.log_every`` steps, and the trained
         concept prompts (for :func:`fit_seg_projector_`).
     """
-    from lisa_model.losses import mask_losses
-
     if data is None:
         data = read_decoder_data(model, data_dir, cfg.max_images, progress)
-    embeddings, queries = data.embeddings, data.queries
+    queries = data.queries
     usable = [i for i in range(len(queries)) if queries[i]]
     if not usable:
         raise ValueError(f"decoder warm-up: no present-target query in {data.source}")
@@ -840,20 +871,9 @@ def warm_up_sam_decoder(
     params = [*decoder.parameters(), *no_mask.parameters(), *prompts.parameters()]
     for p in params:
         p.requires_grad_(True)
-    rng = np.random.default_rng(cfg.seed)
-    bf16 = native_bf16(model.device) if cfg.bf16 is None else cfg.bf16
-
-    def step_loss() -> torch.Tensor:
-        preds, targets = [], []
-        for i in rng.choice(usable, size=cfg.batch_size).tolist():
-            qs = queries[i]
-            picks = rng.choice(len(qs), size=min(cfg.queries_per_image, len(qs)), replace=False)
-            keys = [qs[j][0] for j in picks]
-            with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
-                preds.append(model.decode_masks(embeddings[i][None], prompts(keys)).float())
-            target = [data.target(i, qs[j][1]) for j in picks]
-            targets.append(torch.stack(target).to(preds[-1].device))
-        return mask_losses(preds, targets).total
+    step_loss = _mask_step_loss(
+        model, data, usable, queries, prompts, cfg, np.random.default_rng(cfg.seed)
+    )
 
     history = _train_warmup(params, cfg, step_loss, "decoder warm-up", progress)
     decoder.eval()
@@ -1035,7 +1055,6 @@ def tune_seg_path_(
     Returns:
         the mean loss of every ``cfg.log_every`` steps.
     """
-    from lisa_model.losses import mask_losses
 
     dataset = ShapesValDataset(data_dir, "train", max_images=len(data.embeddings))
     rng = np.random.default_rng(cfg.seed + 2)
@@ -1062,21 +1081,9 @@ def tune_seg_path_(
         p.requires_grad_(True)
     decoder.train()
     projector.train()
-    bf16 = native_bf16(model.device) if cfg.bf16 is None else cfg.bf16
-
-    def step_loss() -> torch.Tensor:
-        preds, targets = [], []
-        for image in rng.choice(images, size=cfg.batch_size).tolist():
-            queries = rows[image]
-            n = min(cfg.queries_per_image, len(queries))
-            chosen = [queries[j] for j in rng.choice(len(queries), size=n, replace=False)]
-            with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
-                prompts = model.project_seg_hidden(states[[r for r, _ in chosen]])
-                embedding = data.embeddings[image][None]
-                preds.append(model.decode_masks(embedding, prompts).float())
-            target = [data.target(image, ids) for _, ids in chosen]
-            targets.append(torch.stack(target).to(preds[-1].device))
-        return mask_losses(preds, targets).total
+    step_loss = _mask_step_loss(
+        model, data, images, rows, lambda r: model.project_seg_hidden(states[r]), cfg, rng
+    )
 
     history = _train_warmup(params, cfg, step_loss, "[SEG] tuning", progress)
     decoder.eval()
