@@ -235,6 +235,17 @@ class Probe:
         assert wait_until(lambda: len(self.explanations) >= n, timeout), self.texts()
         return self.texts()
 
+    def wait_text(self, start: int, pattern: str, timeout: float = 20.0) -> str:
+        """The first explanation from index ``start`` on that matches the regular expression
+        ``pattern`` (``re.search``), waiting for it. Matching by content, not by position, keeps
+        a test right when a report of an earlier test or another topic's message arrives late."""
+
+        def found() -> str | None:
+            return next((t for t in self.texts()[start:] if re.search(pattern, t)), None)
+
+        assert wait_until(lambda: found() is not None, timeout), (pattern, self.texts()[start:])
+        return found()
+
 
 def image_msg(
     height: int, width: int, encoding: str, data: bytes, step: int, big: int = 0
@@ -357,8 +368,9 @@ def test_frame_and_command_give_mask_explanation_overlay(main, encoding: str) ->
     n_expl = len(probe.explanations)
     header = probe.frame_taken(node, msg, f"cam_{encoding}")
     probe.command("the red ball")
-    assert not probe.wait_explanations(n_expl + 1)[-1].startswith("failed")
-    assert wait_until(lambda: probe.mask_for(f"cam_{encoding}") is not None, 5.0)
+    assert wait_until(lambda: probe.mask_for(f"cam_{encoding}") is not None, 20.0), probe.texts()
+    probe.wait_text(n_expl, r"^(?!failed)")  # the answer, not a failure report
+    assert not [t for t in probe.texts()[n_expl:] if t.startswith("failed")]
     mask_msg = probe.mask_for(f"cam_{encoding}").msg
     # The mask lines up with the frame: same header, same size, mono8 0/255.
     assert mask_msg.header.stamp == header.stamp and mask_msg.header.frame_id == header.frame_id
@@ -390,7 +402,7 @@ def test_stale_frame_is_never_used(main) -> None:
     probe.frame(encoded(rgb, "rgb8")[0], "old_a", age=30.0)
     start = time.monotonic()
     probe.command("the red ball")
-    text = probe.wait_explanations(n_expl + 1)[-1]
+    text = probe.wait_text(n_expl, r"^failed: latest image")
     assert time.monotonic() - start >= MAIN_WAIT - 0.1
     pattern = r"failed: latest image is 3\d\.\d s old, older than max_image_age 4\.0 s"
     assert re.fullmatch(pattern + r" \(command 'the red ball'\)", text), text
@@ -411,12 +423,13 @@ def test_bad_frames_and_commands_are_reported_and_node_keeps_serving(main) -> No
     n_expl = len(probe.explanations)
     rgb = ramp_image(seed=5)
     probe.frame(image_msg(H, W, "foo8", rgb.tobytes(), 3 * W), "bad_encoding")
-    texts = probe.wait_explanations(n_expl + 1)
-    assert "failed: bad image on /lisa_main/image: unsupported image encoding 'foo8'" in texts[-1]
+    probe.wait_text(
+        n_expl, r"^failed: bad image on /lisa_main/image: unsupported image encoding 'foo8'"
+    )
     probe.frame(image_msg(H, W, "rgb8", rgb.tobytes()[:100], 3 * W), "short")
-    assert "fewer than height * step" in probe.wait_explanations(n_expl + 2)[-1]
+    probe.wait_text(n_expl, r"^failed: bad image on /lisa_main/image: .*fewer than height \* step")
     probe.frame(image_msg(H, W, "rgb8", rgb.tobytes(), 10), "bad_step")
-    assert "step 10 is smaller than" in probe.wait_explanations(n_expl + 3)[-1]
+    probe.wait_text(n_expl, r"^failed: bad image on /lisa_main/image: .*step 10 is smaller than")
     # A 30 Hz stream of the same bad frame is reported once per throttle period, not 30 times.
     for _ in range(20):
         probe.frame(image_msg(H, W, "foo8", rgb.tobytes(), 3 * W), "bad_encoding")
@@ -424,8 +437,9 @@ def test_bad_frames_and_commands_are_reported_and_node_keeps_serving(main) -> No
     probe.command("")
     probe.command(" \t ")
     probe.command("x" * 61)
-    texts = probe.wait_explanations(n_expl + 6)[n_expl:]
-    assert texts[3:] == [
+    probe.wait_text(n_expl, "more than max_command_chars")
+    rejected = [t for t in probe.texts()[n_expl:] if "command rejected" in t]
+    assert rejected == [
         "failed: command rejected: command is empty",
         "failed: command rejected: command is empty",
         "failed: command rejected: command has 61 characters, more than max_command_chars 60",
@@ -541,13 +555,14 @@ def test_image_flood_during_slow_inference_keeps_one_frame_and_flat_memory(
     with FrameStream(probe, 10.0, lambda i: frames[i % 4]):
         n = len(probe.explanations)
         probe.command("trigger out of memory")
-        assert probe.wait_explanations(n + 1)[-1].startswith(
-            "failed: out of memory while running the model (OutOfMemoryError: CUDA out of memory"
+        probe.wait_text(
+            n,
+            r"^failed: out of memory while running the model "
+            r"\(OutOfMemoryError: CUDA out of memory",
         )
         probe.command("please raise an error")
-        assert probe.wait_explanations(n + 2)[-1] == (
-            "failed: model error: RuntimeError: boom (command 'please raise an error')"
-        )
+        text = probe.wait_text(n, "^failed: model error")
+        assert text == "failed: model error: RuntimeError: boom (command 'please raise an error')"
         probe.command("the ball")
         assert wait_until(lambda: len(probe.masks) == 5, 30.0), probe.texts()
 
