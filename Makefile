@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lisa-replay examples/demo_bag --out demo_out/demo_bag_lisa \
 		--overlays demo_out/demo_bag_overlays
 
-# Retrain the embedded demo model from scratch (about 27 min on 2 CPU cores), see README.
+# Retrain the embedded demo model from scratch (about 56 min on 2 AVX2 CPU cores), see README.
 DEMO_WORK ?= runs/demo-model
 demo-model: $(STAMP)
 	rm -rf $(DEMO_WORK)

@@ -430,11 +430,39 @@ def test_encoder_warmup_lowers_the_loss_and_changes_only_sam_encoder(data_dir: P
     assert not model.sam.image_encoder.training
 
 
+def test_foreground_coverage_is_the_union_of_the_objects(data_dir: Path) -> None:
+    record = ShapesQueriesFile(data_dir / "train" / "queries.jsonl").record(1)
+    cover = D.object_coverage(record, 64, 128, (96, 128))
+    fg = D.foreground_coverage(record, 64, 128, (96, 128))
+    assert fg.shape == (64, 64) and fg.dtype == np.float32
+    assert fg.min() >= 0.0 and fg.max() <= 1.0 and fg.max() > 0.99
+    np.testing.assert_allclose(fg, np.clip(cover.sum(0), 0, 1))
+    assert (fg[48:] == 0).all()  # the padding below the 96 resized rows
+    # Soft at the edges: cells partly covered are strictly between 0 and 1.
+    assert ((fg > 0.05) & (fg < 0.95)).any()
+
+
+def test_encoder_warmup_detail_loss_is_added_on_the_same_draws(data_dir: Path) -> None:
+    tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
+    first = {}
+    for weight in (0.0, 1.0):
+        model = build_lisa(CONV_SPEC, tokenizer, seed=0)
+        torch.manual_seed(0)  # the throwaway head's initialisation
+        cfg = D.EncoderWarmup(
+            steps=1, batch_size=2, warmup_steps=1, log_every=1, detail_weight=weight
+        )
+        first[weight] = D.warm_up_sam_encoder(model, data_dir, cfg, progress=False)[0]
+    # Binary cross-entropy of near-zero logits against 0..1 cells: about ln 2 more.
+    assert 0.4 < first[1.0] - first[0.0] < 1.2, first
+
+
 def test_encoder_warmup_settings_are_checked(data_dir: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match="max_images must be >= 1"):
         D.EncoderWarmup(max_images=0)
     with pytest.raises(ValueError, match="steps >= 0"):
         D.EncoderWarmup(steps=-1)
+    with pytest.raises(ValueError, match="detail_weight must be >= 0"):
+        D.EncoderWarmup(detail_weight=-0.5)
     argv = ["init", "--data", str(data_dir), "--out", str(tmp_path / "o"), "--encoder-steps", "-1"]
     assert D.main(argv) == 2
     assert "--encoder-steps" in capsys.readouterr().err
