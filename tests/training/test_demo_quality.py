@@ -36,14 +36,21 @@ SEGMENT_TARGET = 0.75
 TEST_SPLIT = 200
 
 
+def write_test_scenes(out, count: int) -> None:
+    """The first ``count`` test-split images of the shipped model's data set, regenerated from
+    the seed and scene settings recorded in its ``demo.json`` (image i of a split depends only
+    on the seed, the split and i)."""
+    recipe = json.loads((DEMO_MODEL_DIR / "demo.json").read_text())
+    config = S.ShapesConfig(**recipe["data"]["config"])
+    S.write_dataset(out, {"test": count}, seed=recipe["data"]["seed"], config=config)
+
+
 @pytest.fixture(scope="module")
 def demo_report(tmp_path_factory) -> D.DemoReport:
     from lisa_model.checkpoint import load_lisa
 
-    recipe = json.loads((DEMO_MODEL_DIR / "demo.json").read_text())
-    config = S.ShapesConfig(**recipe["data"]["config"])
     data = tmp_path_factory.mktemp("shapes")
-    S.write_dataset(data, {"test": SUBSET}, seed=recipe["data"]["seed"], config=config)
+    write_test_scenes(data, SUBSET)
     model = load_lisa(demo_model_dir())
     return D.evaluate_demo(model, data, "test", max_new_tokens=24)
 
@@ -84,11 +91,9 @@ def test_split_scores(tmp_path_factory) -> dict:
     30 s). Returns the report's ``overall`` entry."""
     from training.evaluate import main as lisa_eval
 
-    recipe = json.loads((DEMO_MODEL_DIR / "demo.json").read_text())
-    config = S.ShapesConfig(**recipe["data"]["config"])
     work = tmp_path_factory.mktemp("test_split")
     data = work / "Shapes"
-    S.write_dataset(data, {"test": TEST_SPLIT}, seed=recipe["data"]["seed"], config=config)
+    write_test_scenes(data, TEST_SPLIT)
     out = work / "eval_test.json"
     argv = ["--data", str(data), "--split", "test", "--out", str(out), "--no-progress"]
     assert lisa_eval(argv) == 0
