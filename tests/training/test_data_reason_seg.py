@@ -186,6 +186,19 @@ def test_larger_polygons_are_drawn_first() -> None:
     assert set(np.unique(mask)) == {0, 1, 255}
 
 
+def test_polygons_of_one_value_are_their_union() -> None:
+    # No drawing order among shapes of one value: the result is each one drawn alone, or-ed.
+    rects = [_rect(2, 2, 12, 9), _rect(6, 4, 20, 16), _rect(0, 14, 4, 19)]
+    for label in ("target", "ignore"):
+        shapes = [{"label": label, "points": r} for r in rects]
+        alone = [polygons_to_mask([s], H, W, Path("u.json")) for s in shapes]
+        expected = np.maximum.reduce(alone)
+        for order in ([0, 1, 2], [2, 0, 1]):
+            mask = polygons_to_mask([shapes[i] for i in order], H, W, Path("u.json"))
+            np.testing.assert_array_equal(mask, expected)
+        assert set(np.unique(expected)) == {0, 255 if label == "ignore" else 1}
+
+
 def test_json_without_targets_gives_a_zero_mask(tmp_path: Path) -> None:
     p = tmp_path / "e.json"
     p.write_text(json.dumps({"text": ["x"], "is_sentence": False, "shapes": []}))

@@ -18,6 +18,7 @@ from lisa_model.prompts import (
 from training import shapes as S
 from training.data.reason_seg import ReasonSegValDataset
 from training.data.shapes_queries import (
+    SIDECAR_FILE,
     ShapesQueriesFile,
     ShapesQueryDataset,
     ShapesQueryMix,
@@ -85,6 +86,20 @@ def test_samples_have_one_mask_per_seg_from_the_generator(data_dir: Path) -> Non
                 for mask, t in zip(masks, query.target_ids, strict=True):
                     np.testing.assert_array_equal(mask, _visible("train", idx, t))
         assert k == sample.masks.shape[0]
+
+
+def test_object_masks_are_rasterised_once_per_record(data_dir: Path) -> None:
+    file = ShapesQueriesFile(data_dir / "train" / SIDECAR_FILE)
+    record = file.record(1)
+    for k in range(len(record.objects)):
+        mask = record.object_mask(k)
+        assert record.object_mask(k) is mask  # kept, not drawn again
+        np.testing.assert_array_equal(mask, _visible("train", 1, k))
+        with pytest.raises(ValueError, match="read-only"):
+            mask[0, 0] = 1  # a caller cannot spoil the kept mask for the next one
+        fresh = file.record(1).object_mask(k)
+        assert fresh is not mask
+        np.testing.assert_array_equal(fresh, mask)
 
 
 def test_items_are_seeded_and_epochs_draw_afresh(data_dir: Path) -> None:

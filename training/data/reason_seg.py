@@ -226,14 +226,18 @@ def polygons_to_mask(
         label, points = _shape_points(shape, json_path, k)
         if label.lower() == "flag":
             continue
-        tmp = np.zeros((height, width), dtype=np.uint8)
-        _fill_polygon(tmp, points, 1)
-        areas.append(tmp.sum())
         valid.append((label, points))
+    values = [IGNORE_LABEL if "ignore" in label.lower() else 1 for label, _ in valid]
+    if len(set(values)) > 1:  # the drawing order only matters between different values
+        for _, points in valid:
+            tmp = np.zeros((height, width), dtype=np.uint8)
+            _fill_polygon(tmp, points, 1)
+            areas.append(tmp.sum())
+    else:
+        areas = [0] * len(valid)
     mask = np.zeros((height, width), dtype=np.uint8)
     for k in np.argsort(areas)[::-1]:
-        label, points = valid[int(k)]
-        _fill_polygon(mask, points, IGNORE_LABEL if "ignore" in label.lower() else 1)
+        _fill_polygon(mask, valid[int(k)][1], values[int(k)])
     return mask
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -99,12 +99,23 @@ class ShapesImageRecord:
     objects: tuple[ShapesObjectRecord, ...]
     queries: tuple[ShapesQueryRecord, ...]
     json_query: int
+    # object_mask's rasterised masks, kept for the life of this record (callers that want
+    # several maps of one image rasterise each object once)
+    _masks: dict[int, np.ndarray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def object_mask(self, object_id: int) -> np.ndarray:
-        """``(H, W)`` uint8 0/1 visible region of object ``object_id`` (image frame)."""
-        obj = self.objects[object_id]
-        shapes = [{"label": "target", "points": p} for p in obj.polygons]
-        return polygons_to_mask(shapes, self.height, self.width, Path(self.image))
+        """``(H, W)`` uint8 0/1 visible region of object ``object_id`` (image frame; a read-only
+        array, rasterised once per record)."""
+        mask = self._masks.get(object_id)
+        if mask is None:
+            obj = self.objects[object_id]
+            shapes = [{"label": "target", "points": p} for p in obj.polygons]
+            mask = polygons_to_mask(shapes, self.height, self.width, Path(self.image))
+            mask.flags.writeable = False
+            self._masks[object_id] = mask
+        return mask
 
     def union_mask(self, object_ids: Sequence[int]) -> np.ndarray:
         """``(H, W)`` uint8 0/1 union of the objects' visible regions (all zero when empty)."""
@@ -558,13 +569,6 @@ class ShapesQueryDataset:
         image = read_image(image_path)
         check_image_size(image, (record.height, record.width), image_path, str(self.file.path))
 
-        object_masks: dict[int, np.ndarray] = {}
-
-        def mask_of(k: int) -> np.ndarray:
-            if k not in object_masks:
-                object_masks[k] = record.object_mask(k)
-            return object_masks[k]
-
         conversations, masks, texts = [], [], []
         turns = self.draw_turns(record, rng)
         for turn in turns:
@@ -573,7 +577,7 @@ class ShapesQueryDataset:
             for group in turn.masks:
                 union = np.zeros((record.height, record.width), dtype=np.uint8)
                 for k in group:
-                    union |= mask_of(k)
+                    union |= record.object_mask(k)
                 masks.append(union)
 
         h, w = record.height, record.width
