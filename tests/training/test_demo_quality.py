@@ -32,7 +32,8 @@ FOUND_BOUND = 0.8
 ABSENT_BOUND = 0.9
 MATCHED_FOUND_BOUND = 0.5
 SEGMENT_TARGET = 0.75
-#: Images of the held-out test split that ``make demo-model`` writes and scores.
+#: Images of the held-out test split that ``make demo-model`` writes and
+#: ``make demo-model-eval`` scores.
 TEST_SPLIT = 200
 
 
