@@ -15,7 +15,7 @@ from lisa_model.prompts import IMAGE_TOKEN_INDEX, SEG_TOKEN
 from lisa_model.sam import SamGeometry
 from training import demo_model as D
 from training import shapes as S
-from training.collate import Collator
+from training.collate import Collator, pad_right
 from training.data.shapes_queries import (
     ShapesQueriesFile,
     ShapesQueryDataset,
@@ -307,6 +307,44 @@ def test_language_warmup_lowers_the_loss_and_changes_only_the_llm(data_dir: Path
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("llm.") for k in changed), sorted(changed)[:5]
     assert not model.llm.training
+
+
+def test_shared_prefix_loss_equals_the_padded_batch(data_dir: Path) -> None:
+    """The rows' common prefix runs once; the loss and every gradient match the whole padded
+    batch's, and no scored prediction falls in the shared part."""
+    tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
+    model = build_lisa(SMALL_SPEC, tokenizer, seed=0)
+    llm = model.llm.train()
+    pairs = D.warmup_conversations(model, data_dir, D.LanguageWarmup(absent=0.5))
+    batch = [next(pairs) for _ in range(6)]
+    ids, labels = [i for i, _ in batch], [y for _, y in batch]
+    assert len({len(i) for i in ids}) > 1  # rows of different lengths: padding is exercised
+    pad = tokenizer.pad_token_id
+
+    def loss_and_grads(ids, labels, shared: bool) -> tuple[float, list[torch.Tensor]]:
+        llm.zero_grad(set_to_none=True)
+        if shared:
+            loss = D.shared_prefix_lm_loss(llm, ids, labels, pad)
+        else:
+            full = pad_right(ids, pad)
+            loss = llm(
+                input_ids=full, attention_mask=full.ne(pad), labels=pad_right(labels, -100)
+            ).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in llm.parameters()]
+
+    # Identical rows share everything up to the first scored token: the case that would go
+    # wrong if the prefix reached into the answer.
+    for rows_ids, rows_labels in ((ids, labels), ([ids[0]] * 3, [labels[0]] * 3)):
+        plain, plain_grads = loss_and_grads(rows_ids, rows_labels, shared=False)
+        shared, shared_grads = loss_and_grads(rows_ids, rows_labels, shared=True)
+        assert shared == pytest.approx(plain, rel=1e-5)
+        for a, b in zip(shared_grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # The prefix really is shared: the system prompt and roles, tens of tokens.
+    first = min(int(y.ne(-100).nonzero()[0]) for y in labels)
+    common = next(i for i in range(first) if len({int(x[i]) for x in ids}) > 1)
+    assert common >= 20
 
 
 def test_language_warmup_settings_are_checked() -> None:
