@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lisa-replay examples/demo_bag --out demo_out/demo_bag_lisa \
 		--overlays demo_out/demo_bag_overlays
 
-# Retrain the embedded demo model from scratch (49 min measured on 2 AVX2 CPU cores), then
+# Retrain the embedded demo model from scratch (47.5 min measured on 2 AVX2 CPU cores), then
 # score it (`make demo-model-eval`, a few minutes more); see README.
 DEMO_WORK ?= runs/demo-model
 demo-model: $(STAMP)
