@@ -390,9 +390,12 @@ def shared_prefix_lm_loss(
     shortest = min(len(ids) for ids in input_ids)
     scored = [int(y.ne(IGNORE_INDEX).nonzero()[0]) for y in labels if y.ne(IGNORE_INDEX).any()]
     limit = min(shortest - 1, min(scored, default=shortest) - 1)
-    prefix = 0
-    while prefix < limit and all(ids[prefix] == input_ids[0][prefix] for ids in input_ids):
-        prefix += 1
+    prefix = max(limit, 0)
+    if prefix:
+        heads = torch.stack([ids[:prefix] for ids in input_ids])  # (rows, limit)
+        differs = (heads != heads[:1]).any(0)
+        if differs.any():
+            prefix = int(differs.int().argmax())  # the first column where rows part
     full_ids = pad_right(input_ids, pad_id)
     full_labels = pad_right(labels, IGNORE_INDEX)
     if prefix == 0 or rows == 1:
