@@ -387,17 +387,14 @@ def shared_prefix_lm_loss(
     from transformers import DynamicCache
 
     rows = len(input_ids)
-    shortest = min(len(ids) for ids in input_ids)
-    scored = [int(y.ne(IGNORE_INDEX).nonzero()[0]) for y in labels if y.ne(IGNORE_INDEX).any()]
-    limit = min(shortest - 1, min(scored, default=shortest) - 1)
-    prefix = max(limit, 0)
-    if prefix:
-        heads = torch.stack([ids[:prefix] for ids in input_ids])  # (rows, limit)
-        differs = (heads != heads[:1]).any(0)
-        if differs.any():
-            prefix = int(differs.int().argmax())  # the first column where rows part
     full_ids = pad_right(input_ids, pad_id)
     full_labels = pad_right(labels, IGNORE_INDEX)
+    shortest = min(len(ids) for ids in input_ids)
+    scored = full_labels.ne(IGNORE_INDEX).any(0)  # (max_len,) columns with a scored token
+    first_scored = int(scored.int().argmax()) if scored.any() else shortest
+    limit = max(min(shortest, first_scored) - 1, 0)  # no pad, no scored prediction before it
+    differs = (full_ids[:, :limit] != full_ids[:1, :limit]).any(0)
+    prefix = int(differs.int().argmax()) if differs.any() else limit  # where the rows part
     if prefix == 0 or rows == 1:
         return llm(input_ids=full_ids, attention_mask=full_ids.ne(pad_id), labels=full_labels).loss
     head = llm.model(input_ids=full_ids[:1, :prefix], use_cache=True).cache
