@@ -55,6 +55,7 @@ from benchmarks.bench_common import (
     weight_bytes,
 )
 from lisa_model.builders import LISA_7B, LISA_13B, ModelSpec
+from lisa_model.options import resolve_dtype
 from lisa_model.predictor import LisaPredictor
 from lisa_model.prompts import format_query
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: pass --device cpu for a dry run", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = resolve_dtype(args.dtype, device)
     hw = tuple(int(v) for v in args.frame.lower().split("x"))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 

@@ -66,6 +66,7 @@ from benchmarks.bench_common import (
 )
 from lisa_model.builders import ModelSpec
 from lisa_model.modeling import dense_positional_encoding
+from lisa_model.options import DTYPE_NAMES, parse_dtype
 from lisa_model.predictor import LisaPredictor
 from lisa_model.processing import postprocess_masks, prepare_image
 from lisa_model.prompts import format_query
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries-per-frame", type=int, default=3, help="k for the 2nd..kth")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated ids per answer")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     parser.add_argument("--frame", default="480x640", help="frame size HxW")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype = parse_dtype(args.dtype)
 
     print(f"# model_speed: {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"- machine: {platform.machine()}, {cpu_name()}, load average {load_average()}")

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from lisa_model.options import MODES
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "lisa_reference"
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=str(FIXTURE / "lisa-tiny"), help="checkpoint")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="")
-    parser.add_argument("--mode", choices=("generate", "segment"), default="segment")
+    parser.add_argument("--mode", choices=MODES, default="segment")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--runs", type=int, default=15, help="commands for the latency numbers")
     parser.add_argument("--size", type=_parse_size, default=(480, 640), help="frame HxW")

@@ -35,6 +35,7 @@ from torch import nn
 
 from lisa_model.config import CheckpointError, LisaConfig
 from lisa_model.modeling import LisaModel, build_mm_projector, build_seg_projector
+from lisa_model.options import parse_dtype
 from lisa_model.sam import build_sam, infer_sam_geometry
 from lisa_model.tokenizer import LisaTokenizer
 
@@ -57,15 +58,6 @@ VISION_TOWER_DIR = "vision_tower"
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 @dataclass
@@ -92,15 +84,6 @@ def from_published_key(published: str) -> str | None:
         if published.startswith(pub):
             return mine + published[len(pub) :]
     return None
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
 
 
 # --------------------------------------------------------------------------- locating files

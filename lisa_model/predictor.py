@@ -24,6 +24,7 @@ import torch
 
 from lisa_model.generation import crop_cache, greedy_generate
 from lisa_model.modeling import LisaModel
+from lisa_model.options import check_mode
 from lisa_model.processing import postprocess_masks, prepare_image
 from lisa_model.prompts import (
     IM_END_TOKEN,
@@ -32,8 +33,6 @@ from lisa_model.prompts import (
     format_query,
 )
 from lisa_model.types import SegmentationResult
-
-MODES = ("generate", "segment")
 
 
 @dataclass
@@ -143,8 +142,7 @@ class LisaPredictor:
         """
         if self._frame is None:
             raise RuntimeError("no image set: call set_image(rgb) before predict()")
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r}; expected one of {MODES}")
+        check_mode(mode)
         if not isinstance(query, str) or not query.strip():
             raise ValueError("empty query: expected a description of what to segment")
         if explain and mode == "segment":

@@ -427,21 +427,17 @@ class LisaNode(LifecycleNode):
     def resolve_device(self, config: LisaNodeConfig) -> tuple[str, str]:
         """``(device, dtype)`` for ``config``: empty values resolved; :class:`ParameterError` for
         a device torch does not know or that is not available, or quantisation off CUDA."""
-        import torch
+        from lisa_model.options import default_dtype, resolve_device
 
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            parsed = torch.device(device)
-        except (RuntimeError, ValueError) as exc:
-            raise ParameterError("device", f"{device!r} is not a torch device ({exc})") from None
-        if parsed.type == "cuda" and not torch.cuda.is_available():
-            raise ParameterError("device", f"{device!r} requested but CUDA is not available")
+            parsed = resolve_device(config.device)
+        except ValueError as exc:
+            raise ParameterError("device", str(exc)) from None
         if config.quantization and parsed.type != "cuda":
             raise ParameterError(
-                "quantization", f"{config.quantization} needs a CUDA device, got {device!r}"
+                "quantization", f"{config.quantization} needs a CUDA device, got {str(parsed)!r}"
             )
-        dtype = config.dtype or ("bfloat16" if parsed.type == "cuda" else "float32")
-        return device, dtype
+        return str(parsed), config.dtype or default_dtype(parsed)
 
     def load_model(self, config: LisaNodeConfig) -> LisaModel:
         """Load the checkpoint ``config`` names (the embedded demo model when it names none).

@@ -77,7 +77,13 @@ from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_types_from_idl, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
-from lisa_model.cli.common import UserError, add_model_arguments, load_model_from_args, run_cli
+from lisa_model.cli.common import (
+    UserError,
+    add_mode_argument,
+    add_model_arguments,
+    load_model_from_args,
+    run_cli,
+)
 from lisa_ros.conversion import (
     mask_to_compressed_png,
     mask_to_image_fields,
@@ -1119,12 +1125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("pipeline (the node's parameters)")
     group.add_argument("--explain", action="store_true", help="ask for an explanation too")
-    group.add_argument(
-        "--mode",
-        choices=("generate", "segment"),
-        default="generate",
-        help="generate: decode an answer; segment: fast path, one mask, no text",
-    )
+    add_mode_argument(group)
     group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     group.add_argument(
         "--max-image-age",

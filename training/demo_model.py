@@ -44,6 +44,7 @@ from lisa_model.builders import ADDED_TOKEN_LAYOUTS, ModelSpec, build_lisa
 from lisa_model.checkpoint import save_lisa
 from lisa_model.metrics import SegMetrics
 from lisa_model.modeling import IGNORE_INDEX, LisaModel
+from lisa_model.options import native_bf16
 from lisa_model.prompts import (
     ANSWER_LIST,
     EXPLANATORY_QUESTION_LIST,
@@ -729,20 +730,6 @@ def warm_up_sam_encoder(
 
 
 # --------------------------------------------------------------------------- decoder warm-up
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bfloat16 natively, so that autocast to it is a speed-up: a
-    CUDA GPU that supports it, or a CPU with AVX512-BF16 or AMX (oneDNN's own check). On other
-    CPUs (AVX2 only) bfloat16 is emulated and slower than float32."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
-    return False
-
-
 @dataclass(frozen=True)
 class DecoderWarmup:
     """Concept-prompted training of SAM's mask decoder, then a fit of the ``[SEG]`` projector

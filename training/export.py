@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from lisa_model.checkpoint import parse_dtype
 from lisa_model.config import CheckpointError
 from lisa_model.modeling import LisaModel
+from lisa_model.options import parse_dtype
 from training.config import config_from_dict
 from training.engine import CKPT_DIR, RUN_FILE, TAG_BEST, read_latest_tag, read_run_record
 from training.model_setup import merge_lora, prepare_model_for_training

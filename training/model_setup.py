@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lisa_model.checkpoint import load_lisa, parse_dtype, resolve_source
+from lisa_model.checkpoint import load_lisa, resolve_source
 from lisa_model.config import CheckpointError, LisaConfig
 from lisa_model.modeling import LisaModel, LossWeights
+from lisa_model.options import parse_dtype
 from lisa_model.prompts import IM_END_TOKEN, IM_START_TOKEN, SEG_TOKEN
 from lisa_model.tokenizer import LisaTokenizer
 from training.config import ConfigError, TrainConfig
@@ -51,7 +52,6 @@ TRAINABLE_PREFIXES: dict[str, tuple[str, ...]] = {
     "sam_encoder": ("sam.image_encoder.",),
     "sam_prompt_encoder": ("sam.prompt_encoder.",),
 }
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Config keys the original's ``LisaModel`` sets for every LISA model (base LLaVA gets them).
 LISA_CONFIG_KEYS = {
     "architectures": ["LISAForCausalLM"],
@@ -281,7 +281,7 @@ def prepare_model_for_training(
     """
     device = torch.device(device)
     precision = cfg.run.resolved_precision(device)
-    dtype = parse_dtype(dtype) if dtype is not None else PRECISION_DTYPES[precision]
+    dtype = parse_dtype(dtype if dtype is not None else precision)
     directory = resolve_source(cfg.model.source)
     kind = checkpoint_kind(LisaConfig.from_json_file(directory / "config.json"))
     sam_checkpoint = cfg.model.sam_checkpoint

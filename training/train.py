@@ -86,9 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("lisa-train: error: --config is required (or --resume DIR)", file=sys.stderr)
             return 2
         if args.print_config:
-            import torch
+            from lisa_model.options import default_device
 
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = default_device()
             print(dump_config(with_absolute_paths(cfg)), end="")
             precision = cfg.run.resolved_precision(device)
             print(f"# DeepSpeed config ({precision} on {device.type}):")

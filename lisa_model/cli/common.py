@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lisa_model.config import CheckpointError
+from lisa_model.options import DEFAULT_MODE, DTYPE_NAMES, MODES, resolve_device, resolve_dtype
 
 
 class UserError(Exception):
@@ -35,11 +36,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint directory or hub id in the published LISA layout "
         "(e.g. xinlai/LISA-7B-v1); default: the embedded demo model",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+    )
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPE_NAMES,
         help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)",
     )
     parser.add_argument(
@@ -48,16 +51,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision-tower", default=None, help="override the CLIP tower path/id")
 
 
+def add_mode_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--mode`` with the answer modes of :data:`lisa_model.options.MODES`."""
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=DEFAULT_MODE,
+        help="generate: decode an answer (one mask per [SEG]); segment: fast path, one mask, "
+        "no text",
+    )
+
+
 def load_model_from_args(args: argparse.Namespace):
     from lisa_model.checkpoint import load_lisa
 
     source = args.model or default_model_source()
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise UserError(f"--device: {exc}") from None
     try:
         return load_lisa(
             source,
-            device=args.device,
-            dtype=dtype,
+            device=device,
+            dtype=resolve_dtype(args.dtype, device),
             quantization=args.quantization,
             vision_tower=args.vision_tower,
         )

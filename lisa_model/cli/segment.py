@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lisa_model.cli.common import (
     UserError,
+    add_mode_argument,
     add_model_arguments,
     load_model_from_args,
     read_rgb_image,
@@ -31,12 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, help="input image (any format OpenCV reads)")
     parser.add_argument("--query", required=True, help="what to segment, in plain language")
     parser.add_argument("--explain", action="store_true", help="ask for an explanation too")
-    parser.add_argument(
-        "--mode",
-        choices=("generate", "segment"),
-        default="generate",
-        help="generate: decode an answer (one mask per [SEG]); segment: fast path, one mask",
-    )
+    add_mode_argument(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="decoding budget")
     parser.add_argument(
         "--raw-prompt",

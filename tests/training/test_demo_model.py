@@ -639,9 +639,7 @@ def test_seg_tuning_lowers_the_loss_and_changes_only_the_seg_path(data_dir: Path
     assert not model.sam.mask_decoder.training and not model.seg_projector.training
 
 
-def test_native_bf16_is_a_property_of_the_device() -> None:
-    assert D.native_bf16(torch.device("meta")) is False
-    assert isinstance(D.native_bf16(torch.device("cpu")), bool)
+def test_bf16_autocast_follows_the_device_by_default() -> None:
     assert D.DecoderWarmup().bf16 is None and D.SegTuning().bf16 is None
 
 
