@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import array
 import gc
+import os
 import re
+import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -56,6 +58,7 @@ from lisa_ros.conversion import (
     rgb_to_image_fields,
     stamp_to_seconds,
 )
+from lisa_ros.parameters import ParameterGuard, refused, when
 from lisa_ros.pipeline import (
     Event,
     EventKind,
@@ -64,12 +67,12 @@ from lisa_ros.pipeline import (
     ModeSegmenter,
     Outcome,
     Pipeline,
-    PipelineConfig,
     Segmenter,
     Success,
     event_text,
     failure_text,
 )
+from lisa_ros.settings import BY_NAME, Applies, LisaNodeConfig, SettingError
 
 if TYPE_CHECKING:
     from lisa_model.modeling import LisaModel
@@ -79,236 +82,15 @@ NODE_NAME = "lisa_node"
 LOG_THROTTLE_SECONDS = 5.0
 #: How long cleanup waits for an inference in flight before giving up on the worker.
 WORKER_JOIN_SECONDS = 60.0
+#: The same when the process is stopping (shutdown transition, Ctrl-C, SIGTERM): the inference
+#: is abandoned (the process exit ends it).
+STOP_JOIN_SECONDS = 3.0
+#: Once the process is asked to stop, it exits within this many seconds even if a callback is
+#: still busy (a model that is loading, an inference that does not return).
+STOP_GRACE_SECONDS = 5.0
 
 #: Command reader depth beyond queue_size (see _make_entities).
 COMMAND_READER_SLACK = 10
-
-_DEFAULTS = PipelineConfig()
-
-
-@dataclass(frozen=True)
-class ParameterSpec:
-    """One ROS parameter of the node: name, default (its type is the expected type), meaning,
-    and the allowed values for a string parameter (None: any)."""
-
-    name: str
-    default: bool | int | float | str
-    description: str
-    choices: tuple[str, ...] | None = None
-
-    @property
-    def type_name(self) -> str:
-        return {bool: "bool", int: "integer", float: "double", str: "string"}[type(self.default)]
-
-    def descriptor(self) -> ParameterDescriptor:
-        constraints = f"{self.type_name}"
-        if self.choices is not None:
-            constraints += ", one of: " + ", ".join(repr(c) for c in self.choices)
-        # dynamic_typing: a wrong type (e.g. max_rate_hz: 2 in YAML, an integer) must not stop
-        # the node from being constructed; configure checks types with a clear message instead.
-        return ParameterDescriptor(
-            name=self.name,
-            description=self.description,
-            additional_constraints=constraints,
-            dynamic_typing=True,
-        )
-
-
-#: Every parameter of the node, with its default (config/lisa_params.yaml mirrors this).
-PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("autostart", True, "configure and activate the node as soon as it spins"),
-    ParameterSpec(
-        "model",
-        "",
-        "LISA checkpoint: a local directory or a hub id in the published layout "
-        "(e.g. xinlai/LISA-7B-v1); empty = the embedded demo model",
-    ),
-    ParameterSpec(
-        "device", "", "torch device: cpu, cuda, cuda:1, ...; empty = cuda when available, else cpu"
-    ),
-    ParameterSpec(
-        "dtype",
-        "",
-        "compute dtype; empty = float32 on CPU, bfloat16 on CUDA",
-        ("", "float32", "bfloat16", "float16"),
-    ),
-    ParameterSpec(
-        "quantization",
-        "",
-        "bitsandbytes quantisation of the LLM (CUDA only; SAM is never quantised)",
-        ("", "8bit", "4bit"),
-    ),
-    ParameterSpec("vision_tower", "", "CLIP tower path or hub id; empty = the checkpoint's"),
-    ParameterSpec(
-        "mode",
-        "generate",
-        "generate: decode an answer, one mask per [SEG]; segment: fast path, one mask, no text",
-        ("generate", "segment"),
-    ),
-    ParameterSpec("explain", _DEFAULTS.explain, "ask for a short explanation (mode generate)"),
-    ParameterSpec("max_new_tokens", _DEFAULTS.max_new_tokens, "most tokens generated per answer"),
-    ParameterSpec(
-        "max_image_age",
-        _DEFAULTS.max_image_age,
-        "seconds; a frame older than this (header stamp, else arrival) is never used; 0 = any",
-    ),
-    ParameterSpec(
-        "image_wait_timeout",
-        _DEFAULTS.image_wait_timeout,
-        "seconds a command waits for a fresh frame before it fails",
-    ),
-    ParameterSpec(
-        "age_from_header",
-        _DEFAULTS.age_from_header,
-        "age frames by their header stamp (false: by arrival, for cameras with another clock)",
-    ),
-    ParameterSpec(
-        "queue_size",
-        _DEFAULTS.queue_size,
-        "most commands waiting; a full queue drops the oldest (with a warning)",
-    ),
-    ParameterSpec(
-        "continuous",
-        _DEFAULTS.continuous,
-        "re-apply the last successful command to new frames until a new or stop command",
-    ),
-    ParameterSpec(
-        "max_rate_hz", _DEFAULTS.max_rate_hz, "most continuous-mode runs per second (> 0)"
-    ),
-    ParameterSpec(
-        "max_command_chars", _DEFAULTS.max_command_chars, "longer commands are rejected"
-    ),
-    ParameterSpec(
-        "stop_command",
-        _DEFAULTS.stop_command,
-        "a command equal to this (any case) ends continuous mode and cancels waiting commands; "
-        "empty = none",
-    ),
-    ParameterSpec(
-        "image_transport",
-        "raw",
-        "raw: subscribe <image> (sensor_msgs/Image); compressed: <image>/compressed",
-        ("raw", "compressed"),
-    ),
-    ParameterSpec(
-        "image_reliability",
-        "best_effort",
-        "QoS reliability of the image subscription (best_effort also accepts reliable cameras)",
-        ("best_effort", "reliable"),
-    ),
-    ParameterSpec("publish_overlay", True, "publish the rgb8 overlay picture on <overlay>"),
-    ParameterSpec(
-        "publish_compressed_mask", False, "also publish <mask>/compressed (lossless PNG)"
-    ),
-)
-
-
-_PARAMETER_NAMES = frozenset(spec.name for spec in PARAMETERS)
-
-
-def parameter_defaults() -> dict[str, bool | int | float | str]:
-    """``{name: default}`` of every declared parameter."""
-    return {spec.name: spec.default for spec in PARAMETERS}
-
-
-class ParameterError(ValueError):
-    """A parameter has a value the node cannot use; ``name`` is the parameter."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(f"parameter '{name}': {message}")
-        self.name = name
-
-
-@dataclass(frozen=True)
-class LisaNodeConfig:
-    """The node's parameters, validated and typed (see ``PARAMETERS`` for their meaning).
-
-    Attributes:
-        model: checkpoint directory or hub id; "" = the embedded demo model.
-        device: torch device string; "" = cuda when available, else cpu.
-        dtype: "float32" | "bfloat16" | "float16"; "" = by device.
-        quantization: None, "8bit" or "4bit".
-        vision_tower: CLIP tower override; None = the checkpoint's.
-        mode: "generate" or "segment".
-        image_transport: "raw" or "compressed".
-        image_reliability: "best_effort" or "reliable".
-        publish_overlay: publish the overlay picture (also makes the pipeline render it).
-        publish_compressed_mask: publish the mask as PNG on ``<mask>/compressed`` too.
-        pipeline: the pairing/queue/continuous-mode behaviour.
-    """
-
-    model: str = ""
-    device: str = ""
-    dtype: str = ""
-    quantization: str | None = None
-    vision_tower: str | None = None
-    mode: str = "generate"
-    image_transport: str = "raw"
-    image_reliability: str = "best_effort"
-    publish_overlay: bool = True
-    publish_compressed_mask: bool = False
-    pipeline: PipelineConfig = _DEFAULTS
-
-    @classmethod
-    def from_parameters(cls, values: Mapping[str, Any]) -> LisaNodeConfig:
-        """Check types and values of ``{parameter name: value}`` (missing names take their
-        defaults) and build the config; :class:`ParameterError` names the first bad one."""
-        checked: dict[str, Any] = {}
-        for spec in PARAMETERS:
-            checked[spec.name] = _check_value(spec, values.get(spec.name, spec.default))
-        if checked["explain"] and checked["mode"] == "segment":
-            raise ParameterError(
-                "explain", "explain=true needs mode 'generate' (mode 'segment' produces no text)"
-            )
-        pipeline_fields = (
-            "explain",
-            "max_new_tokens",
-            "max_image_age",
-            "image_wait_timeout",
-            "queue_size",
-            "continuous",
-            "max_rate_hz",
-            "max_command_chars",
-            "stop_command",
-            "age_from_header",
-        )
-        try:
-            pipeline = PipelineConfig(
-                overlay=checked["publish_overlay"], **{k: checked[k] for k in pipeline_fields}
-            )
-        except ValueError as exc:  # its messages start with the field (= parameter) name
-            message = str(exc)
-            name = message.split()[0] if message.split()[0] in pipeline_fields else "parameters"
-            raise ParameterError(name, message) from None
-        return cls(
-            model=checked["model"].strip(),
-            device=checked["device"].strip(),
-            dtype=checked["dtype"],
-            quantization=checked["quantization"] or None,
-            vision_tower=checked["vision_tower"].strip() or None,
-            mode=checked["mode"],
-            image_transport=checked["image_transport"],
-            image_reliability=checked["image_reliability"],
-            publish_overlay=checked["publish_overlay"],
-            publish_compressed_mask=checked["publish_compressed_mask"],
-            pipeline=pipeline,
-        )
-
-
-def _check_value(spec: ParameterSpec, value: Any) -> Any:
-    expected = type(spec.default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)  # "max_rate_hz: 2" in YAML is an integer
-    if type(value) is not expected:
-        kind = "unset" if value is None else type(value).__name__
-        article = "an" if spec.type_name[0] in "aeiou" else "a"
-        raise ParameterError(
-            spec.name, f"expected {article} {spec.type_name}, got {kind} {value!r}"
-        )
-    if spec.choices is not None and value not in spec.choices:
-        allowed = ", ".join(repr(c) for c in spec.choices)
-        raise ParameterError(spec.name, f"{value!r} is not one of {allowed}")
-    return value
 
 
 class LogThrottle:
@@ -367,8 +149,7 @@ class LisaNode(LifecycleNode):
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        for spec in PARAMETERS:
-            self.declare_parameter(spec.name, spec.default, spec.descriptor())
+        self._parameters_guard = ParameterGuard(self)
         self._throttle = LogThrottle()
         self._publish_lock = threading.Lock()
         self._active = threading.Event()
@@ -418,23 +199,38 @@ class LisaNode(LifecycleNode):
         return self._active.is_set()
 
     def read_config(self) -> LisaNodeConfig:
-        """Read all parameters once and validate them; :class:`ParameterError` if one is bad."""
-        values = {spec.name: self.get_parameter(spec.name).value for spec in PARAMETERS}
-        return LisaNodeConfig.from_parameters(values)
+        """Read all parameters once and validate them; :class:`SettingError` if one is bad
+        (also a bad start-up value that has not been fixed since)."""
+        self._parameters_guard.check_startup()
+        return LisaNodeConfig.from_values(self._parameters_guard.values())
+
+    def set_parameters(self, parameter_list: list[Parameter]) -> list[SetParametersResult]:
+        """rclpy's ``set_parameters`` with the settings checked first (see
+        :class:`~lisa_ros.parameters.ParameterGuard`)."""
+        return [self.set_parameters_atomically([p]) for p in parameter_list]
+
+    def set_parameters_atomically(self, parameter_list: list[Parameter]) -> SetParametersResult:
+        """rclpy's ``set_parameters_atomically`` (what the SetParameters services call) with the
+        settings checked first: a bad value is refused with a reason naming the parameter and
+        its allowed values."""
+        checked, reason = self._parameters_guard.filter(parameter_list)
+        if reason is not None:
+            return refused(reason)
+        return super().set_parameters_atomically(checked)
 
     # ---------------------------------------------------------------------------- extension
 
     def resolve_device(self, config: LisaNodeConfig) -> tuple[str, str]:
-        """``(device, dtype)`` for ``config``: empty values resolved; :class:`ParameterError` for
+        """``(device, dtype)`` for ``config``: empty values resolved; :class:`SettingError` for
         a device torch does not know or that is not available, or quantisation off CUDA."""
         from lisa_model.options import default_dtype, resolve_device
 
         try:
             parsed = resolve_device(config.device)
         except ValueError as exc:
-            raise ParameterError("device", str(exc)) from None
+            raise SettingError("device", str(exc)) from None
         if config.quantization and parsed.type != "cuda":
-            raise ParameterError(
+            raise SettingError(
                 "quantization", f"{config.quantization} needs a CUDA device, got {str(parsed)!r}"
             )
         return str(parsed), config.dtype or default_dtype(parsed)
@@ -442,7 +238,7 @@ class LisaNode(LifecycleNode):
     def load_model(self, config: LisaNodeConfig) -> LisaModel:
         """Load the checkpoint ``config`` names (the embedded demo model when it names none).
 
-        Raises :class:`ParameterError` (``model``, ``device``, ...) for what a user can fix.
+        Raises :class:`SettingError` (``model``, ``device``, ...) for what a user can fix.
         """
         from lisa_model.checkpoint import load_lisa
         from lisa_model.config import CheckpointError
@@ -462,7 +258,7 @@ class LisaNode(LifecycleNode):
                 vision_tower=config.vision_tower,
             )
         except CheckpointError as exc:
-            raise ParameterError("model", str(exc)) from None
+            raise SettingError("model", str(exc)) from None
 
     def build_segmenter(self, model: LisaModel, config: LisaNodeConfig) -> Segmenter:
         """What the worker calls: a ``LisaPredictor`` answering in ``config.mode``."""
@@ -482,7 +278,7 @@ class LisaNode(LifecycleNode):
             model = self.load_model(config)
             seconds = time.perf_counter() - start
             segmenter = self.build_segmenter(model, config)
-        except ParameterError as exc:
+        except SettingError as exc:
             return self._configure_failed(f"configure failed: {exc}")
         except Exception as exc:  # anything else the loader raises (OOM, corrupt files, ...)
             self.get_logger().debug(traceback.format_exc())
@@ -535,8 +331,10 @@ class LisaNode(LifecycleNode):
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release everything; ``lisa_node``'s main loop then ends the process (status 0)."""
         self._deactivate()
-        self._release()
+        self._release(STOP_JOIN_SECONDS)
+        self.get_logger().info("shut down: model released, the process exits")
         return super().on_shutdown(state)
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -548,7 +346,7 @@ class LisaNode(LifecycleNode):
     def destroy_node(self) -> None:
         """Stop the worker and free the model before the node's ROS entities go away."""
         self._deactivate()
-        self._release()
+        self._release(WORKER_JOIN_SECONDS if self.context.ok() else STOP_JOIN_SECONDS)
         if self._autostart_timer is not None:
             self._autostart_timer.cancel()
         super().destroy_node()
@@ -571,13 +369,29 @@ class LisaNode(LifecycleNode):
             return
         self.trigger_activate()
 
-    def _on_parameters_set(self, parameters: list[Parameter]) -> None:
-        ours = sorted(p.name for p in parameters if p.name in _PARAMETER_NAMES)
-        if ours and self._config is not None:
-            self.get_logger().info(
-                f"parameter(s) {', '.join(ours)} set; they take effect on the next configure "
-                "(cleanup, then configure)"
-            )
+    def _on_parameters_set(self, parameters: Sequence[Parameter]) -> None:
+        """After a successful set: apply live settings to the running node, say when the others
+        take effect."""
+        ours = [p for p in parameters if p.name in BY_NAME]
+        self._parameters_guard.accepted(ours)
+        config = self._config
+        if not ours or config is None:
+            return
+        live = LisaNodeConfig.from_values(self._parameters_guard.values())
+        later = sorted(p.name for p in ours if BY_NAME[p.name].applies != Applies.LIVE)
+        pipeline, segmenter = self._pipeline, self._segmenter
+        # Live settings: the pipeline's (overlay stays what configure set up) and the mode.
+        new_pipeline = replace(live.pipeline, overlay=config.pipeline.overlay)
+        self._config = replace(config, mode=live.mode, pipeline=new_pipeline)
+        if pipeline is not None:
+            pipeline.reconfigure(new_pipeline)
+        if isinstance(segmenter, ModeSegmenter):
+            segmenter.mode = live.mode
+        now = sorted(p.name for p in ours if BY_NAME[p.name].applies == Applies.LIVE)
+        if now:
+            self.get_logger().info(f"applied {', '.join(now)}")
+        for name in later:
+            self.get_logger().warning(f"parameter '{name}' set: it {when(BY_NAME[name])}")
 
     def _configure_failed(self, message: str) -> TransitionCallbackReturn:
         self.last_error = message
@@ -627,20 +441,25 @@ class LisaNode(LifecycleNode):
         if self._pipeline is not None:
             self._pipeline.clear()  # forget the frame and the waiting/standing commands
 
-    def _release(self) -> None:
-        """Stop the worker, destroy publishers/subscriptions, drop the model (idempotent)."""
+    def _release(self, join_seconds: float = WORKER_JOIN_SECONDS) -> None:
+        """Stop the worker (waiting up to ``join_seconds`` for an inference in flight), destroy
+        publishers/subscriptions, drop the model (idempotent)."""
         self._active.clear()
         worker, self._worker = self._worker, None
         if worker is not None:
             self._stop_worker.set()
             if self._pipeline is not None:
                 self._pipeline.wake()
-            worker.join(WORKER_JOIN_SECONDS)
+            worker.join(join_seconds)
             if worker.is_alive():
-                self.get_logger().warning(
-                    f"the worker did not finish its inference within {WORKER_JOIN_SECONDS:.0f} s;"
-                    " releasing the model anyway"
+                message = (
+                    f"the worker did not finish its inference within {join_seconds:.0f} s; "
+                    "releasing the model anyway"
                 )
+                if self.context.ok():
+                    self.get_logger().warning(message)
+                else:
+                    print(f"[{self.get_fully_qualified_name()}] {message}", file=sys.stderr)
         for sub in self._subscriptions_made:
             self.destroy_subscription(sub)
         self._subscriptions_made = []
@@ -818,30 +637,64 @@ class LisaNode(LifecycleNode):
             torch.cuda.empty_cache()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _exit_after(seconds: float, done: threading.Event) -> None:
+    """Arm a watchdog: unless ``done`` is set within ``seconds``, end the process (status 0: a
+    stop was asked for) so that Ctrl-C, SIGTERM and the shutdown transition always end it, also
+    while a callback is busy loading a model or running one."""
+
+    def watch() -> None:
+        if not done.wait(seconds):
+            print(
+                f"lisa_node: still busy {seconds:.0f} s after the stop request; exiting now",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(0)
+
+    threading.Thread(target=watch, name="lisa_node_stop_watchdog", daemon=True).start()
+
+
+def main(argv: list[str] | None = None, *, node_type: type[LisaNode] | None = None) -> int:
     """``lisa_node`` entry point: ``ros2 run lisa_ros lisa_node --ros-args -p model:=...``.
 
-    Spins the node until Ctrl-C (or SIGTERM from launch), then shuts down in the order that
-    avoids aborts at exit: executor, node (worker and model first), context.
+    Spins the node until Ctrl-C, SIGTERM (what launch sends) or the lifecycle ``shutdown``
+    transition, then shuts down in the order that avoids aborts at exit: executor, node (worker
+    and model first), context. Exits 0 within :data:`STOP_GRACE_SECONDS` of the request.
+    ``node_type`` runs a subclass of :class:`LisaNode` instead.
     """
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        _exit_after(STOP_GRACE_SECONDS, stopped)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    # Installed before rclpy's handlers, which call them after shutting down the context.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     rclpy.init(args=argv)
+    context = rclpy.get_default_context()
+    context.on_shutdown(lambda: _exit_after(STOP_GRACE_SECONDS, stopped))
     node: LisaNode | None = None
     executor = SingleThreadedExecutor()
     status = 0
     try:
-        node = LisaNode()
+        node = (node_type or LisaNode)()
         executor.add_node(node)
-        executor.spin()
+        while context.ok() and node.state != "finalized":
+            executor.spin_once(timeout_sec=0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:  # e.g. bad --ros-args; one clear line instead of a traceback
         print(f"lisa_node: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     finally:
+        _exit_after(STOP_GRACE_SECONDS, stopped)
         executor.shutdown()
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        stopped.set()
     return status
 
 

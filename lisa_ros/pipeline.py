@@ -36,12 +36,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from lisa_model import visualize
+from lisa_ros import settings
 
 if TYPE_CHECKING:
     from lisa_model.types import SegmentationResult
@@ -63,64 +64,52 @@ class Segmenter(Protocol):
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Behaviour of the pipeline (the node declares one ROS parameter per field).
+    """Behaviour of the pipeline. Every field but ``overlay`` is a node setting of the same name:
+    its default, type and allowed values come from :mod:`lisa_ros.settings`, and a bad value
+    raises :class:`~lisa_ros.settings.SettingError` naming it.
 
     Attributes:
         explain: ask the model for a short explanation along with the mask.
-        max_new_tokens: most tokens the model may generate per command (> 0).
+        max_new_tokens: most tokens the model may generate per command.
         max_image_age: seconds; a frame older than this is never used for a command. 0 turns the
             age check off (any frame, however old, is fresh enough).
         image_wait_timeout: seconds a command waits for a fresh frame after it arrived before it
-            fails (>= 0; 0 fails at once when there is no fresh frame).
-        queue_size: most commands waiting (>= 1). When full, a new command drops the OLDEST
-            waiting one (ROS keep-last), reported by a ``COMMAND_DROPPED`` event.
+            fails (0 fails at once when there is no fresh frame).
+        queue_size: most commands waiting. When full, a new command drops the OLDEST waiting
+            one (ROS keep-last), reported by a ``COMMAND_DROPPED`` event.
         continuous: keep the last successful command standing and re-apply it to new frames.
-        max_rate_hz: most runs per second of the standing command (> 0).
-        max_command_chars: longer commands are rejected (>= 1).
-        overlay: render an RGB overlay picture for every success.
+        max_rate_hz: most runs per second of the standing command.
+        max_command_chars: longer commands are rejected.
+        overlay: render an RGB overlay picture for every success (the node's
+            ``publish_overlay``).
         stop_command: a command equal to this (ignoring case and surrounding spaces) is not sent
             to the model: it clears the standing command and the waiting commands. "" disables it.
         age_from_header: age frames from their header stamp (when non-zero); False ages them from
             their arrival time, for cameras whose clock is not synchronised with ours.
     """
 
-    explain: bool = False
-    max_new_tokens: int = 64
-    max_image_age: float = 1.0
-    image_wait_timeout: float = 2.0
-    queue_size: int = 5
-    continuous: bool = False
-    max_rate_hz: float = 2.0
-    max_command_chars: int = 500
+    explain: bool = settings.default("explain")
+    max_new_tokens: int = settings.default("max_new_tokens")
+    max_image_age: float = settings.default("max_image_age")
+    image_wait_timeout: float = settings.default("image_wait_timeout")
+    queue_size: int = settings.default("queue_size")
+    continuous: bool = settings.default("continuous")
+    max_rate_hz: float = settings.default("max_rate_hz")
+    max_command_chars: int = settings.default("max_command_chars")
     overlay: bool = True
-    stop_command: str = "stop"
-    age_from_header: bool = True
+    stop_command: str = settings.default("stop_command")
+    age_from_header: bool = settings.default("age_from_header")
 
     def __post_init__(self) -> None:
-        for name in ("explain", "continuous", "overlay", "age_from_header"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("max_new_tokens", "queue_size", "max_command_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name, minimum, inclusive in (
-            ("max_image_age", 0.0, True),
-            ("image_wait_timeout", 0.0, True),
-            ("max_rate_hz", 0.0, False),
-        ):
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok = ok and math.isfinite(value)
-            ok = ok and (value >= minimum if inclusive else value > minimum)
-            if not ok:
-                bound = ">=" if inclusive else ">"
-                raise ValueError(
-                    f"{name} must be a finite number {bound} {minimum}, got {value!r}"
-                )
-            object.__setattr__(self, name, float(value))
-        if not isinstance(self.stop_command, str):
-            raise ValueError(f"stop_command must be a string, got {self.stop_command!r}")
+        if not isinstance(self.overlay, bool):
+            raise ValueError(f"overlay must be a bool, got {self.overlay!r}")
+        for name in self.setting_names():
+            object.__setattr__(self, name, settings.check(name, getattr(self, name)))
+
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """The fields that are node settings (all but ``overlay``)."""
+        return tuple(f.name for f in fields(cls) if f.name != "overlay")
 
 
 @dataclass(frozen=True, eq=False)
@@ -462,6 +451,14 @@ class Pipeline:
                 self._input.wait(None if timeout is None else max(0.0, timeout))
             woken, self._woken = self._woken, False
             return woken
+
+    def reconfigure(self, config: PipelineConfig) -> None:
+        """Use ``config`` from now on (a node parameter changed while running); the waiting
+        commands, the frame and the standing command stay, and the worker is woken so that a
+        longer ``max_image_age`` or a new rate applies at once."""
+        with self._lock:
+            self.config = config
+            self._wake_locked()
 
     def stats(self) -> PipelineStats:
         """A snapshot of the counters."""

@@ -1,9 +1,10 @@
 """lisa_node's parameters, params YAML, launch file and entry point.
 
-Bad parameter values fail ``configure`` with one log line naming the parameter and leave the node
-unconfigured; ``config/lisa_params.yaml`` holds exactly the declared parameters with their
-defaults; the launch file declares its arguments and holds no logic (launch/launch_ros are not
-installable here, so it is only parsed); ``main`` exits cleanly on Ctrl-C.
+A bad value set while the node runs is refused at once with a reason naming the parameter; a bad
+start-up value fails ``configure`` with one log line naming the parameter and leaves the node
+unconfigured; ``config/lisa_params.yaml`` is what ``lisa_ros.settings`` renders; the launch file
+declares its arguments and holds no logic (launch/launch_ros are not installable here, so it is
+only parsed); ``main`` exits cleanly on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
-from lisa_ros.node import (  # noqa: E402
-    PARAMETERS,
-    LisaNode,
-    LisaNodeConfig,
-    ParameterError,
-    parameter_defaults,
-)
+from lisa_ros.node import LisaNode  # noqa: E402
 from lisa_ros.pipeline import PipelineConfig  # noqa: E402
+from lisa_ros.settings import (  # noqa: E402
+    SETTINGS,
+    YAML_NODE_KEY,
+    LisaNodeConfig,
+    SettingError,
+    defaults,
+    render_yaml,
+)
 
 pytestmark = pytest.mark.ros
 
@@ -47,7 +50,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "lisa_reference" / "lisa-tiny"
 PARAMS_YAML = REPO / "config" / "lisa_params.yaml"
 LAUNCH_FILE = REPO / "launch" / "lisa.launch.py"
-YAML_NODE_KEY = "/**/lisa_node"
 RCLPY_OWN = {"use_sim_time", "start_type_description_service"}  # declared by every rclpy node
 
 
@@ -80,15 +82,15 @@ def make_node(context: Context) -> Iterator[Any]:
 
 
 BAD_VALUES = [
-    ({"max_rate_hz": -1.0}, "parameter 'max_rate_hz': max_rate_hz must be a finite number > 0"),
+    ({"max_rate_hz": -1.0}, "parameter 'max_rate_hz': -1.0 is not a double in [0.01, 1000]"),
     ({"mode": "fast"}, "parameter 'mode': 'fast' is not one of 'generate', 'segment'"),
     ({"image_transport": "theora"}, "parameter 'image_transport': 'theora' is not one of"),
     ({"image_reliability": "sometimes"}, "parameter 'image_reliability': 'sometimes' is not"),
     ({"quantization": "3bit"}, "parameter 'quantization': '3bit' is not one of"),
     ({"dtype": "int8"}, "parameter 'dtype': 'int8' is not one of"),
-    ({"max_new_tokens": "ten"}, "parameter 'max_new_tokens': expected an integer, got str"),
-    ({"queue_size": 0}, "parameter 'queue_size': queue_size must be an integer >= 1, got 0"),
-    ({"image_wait_timeout": float("nan")}, "parameter 'image_wait_timeout': image_wait_timeout"),
+    ({"max_new_tokens": "ten"}, "parameter 'max_new_tokens': expected an integer in [1, 4096]"),
+    ({"queue_size": 0}, "parameter 'queue_size': 0 is not an integer in [1, 1000]"),
+    ({"image_wait_timeout": float("nan")}, "parameter 'image_wait_timeout': nan is not a double"),
     ({"continuous": 1}, "parameter 'continuous': expected a bool, got int 1"),
     ({"explain": True, "mode": "segment"}, "parameter 'explain': explain=true needs mode"),
     ({"device": "gpu"}, "parameter 'device': 'gpu' is not a torch device"),
@@ -150,10 +152,10 @@ def test_fixing_the_parameter_lets_configure_succeed(make_node) -> None:
     assert node.model is None and node.state == "unconfigured"
 
 
-def test_config_from_parameters_checks_types_and_converts_numbers() -> None:
-    assert LisaNodeConfig.from_parameters(parameter_defaults()) == LisaNodeConfig()
+def test_config_from_values_checks_types_and_converts_numbers() -> None:
+    assert LisaNodeConfig.from_values(defaults()) == LisaNodeConfig()
     assert LisaNodeConfig().pipeline == PipelineConfig()
-    config = LisaNodeConfig.from_parameters(
+    config = LisaNodeConfig.from_values(
         {"max_rate_hz": 3, "quantization": "", "vision_tower": " ", "publish_overlay": False}
     )
     assert config.pipeline.max_rate_hz == 3.0 and isinstance(config.pipeline.max_rate_hz, float)
@@ -165,8 +167,8 @@ def test_config_from_parameters_checks_types_and_converts_numbers() -> None:
         ({"model": None}, "model"),
         ({"max_command_chars": 2.5}, "max_command_chars"),
     ):
-        with pytest.raises(ParameterError) as info:
-            LisaNodeConfig.from_parameters(values)
+        with pytest.raises(SettingError) as info:
+            LisaNodeConfig.from_values(values)
         assert info.value.name == name and f"parameter '{name}'" in str(info.value)
 
 
@@ -177,13 +179,17 @@ def test_declared_parameters_are_described_and_equal_the_params_yaml(make_node) 
         for name, p in node.get_parameters_by_prefix("").items()
         if name not in RCLPY_OWN
     }
+    assert PARAMS_YAML.read_text() == render_yaml(), (
+        "config/lisa_params.yaml is rendered from lisa_ros/settings.py: "
+        "python -m lisa_ros.settings yaml > config/lisa_params.yaml"
+    )
     yaml_params = yaml.safe_load(PARAMS_YAML.read_text())[YAML_NODE_KEY]["ros__parameters"]
-    assert declared == parameter_defaults()
+    assert declared == defaults()
     assert yaml_params == declared
     for name, value in yaml_params.items():
         assert type(value) is type(declared[name]), name  # 2 vs 2.0 matters to ROS
         assert node.describe_parameter(name).description, f"{name} has no description"
-    assert [spec.name for spec in PARAMETERS] == list(declared)
+    assert [s.name for s in SETTINGS] == list(declared)
 
 
 def test_params_yaml_applies_to_the_node_in_any_namespace(make_node, tmp_path: Path) -> None:
@@ -198,6 +204,136 @@ def test_params_yaml_applies_to_the_node_in_any_namespace(make_node, tmp_path: P
         )
         assert node.get_parameter("mode").value == "segment"
         assert node.read_config().pipeline.max_rate_hz == 7.5
+
+
+@pytest.fixture
+def served(context: Context, make_node) -> Iterator[Any]:
+    """A LisaNode spun by an executor, and a parameter client on another node: what
+    ``ros2 param set/describe`` do, over the real services."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter_client import AsyncParameterClient
+
+    executor = SingleThreadedExecutor(context=context)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    probe = rclpy.create_node("param_probe", namespace="/served", context=context)
+    executor.add_node(probe)
+    started = []
+
+    def start(**values: Any) -> tuple[LisaNode, AsyncParameterClient]:
+        node = make_node(namespace="/served", **{"model": str(TINY), **values})
+        executor.add_node(node)
+        if not started:
+            thread.start()
+            started.append(True)
+        client = AsyncParameterClient(probe, node.get_fully_qualified_name())
+        assert client.wait_for_services(timeout_sec=60.0)
+        return node, client
+
+    yield start
+    executor.shutdown()
+    if started:
+        thread.join(10)
+    probe.destroy_node()
+
+
+def _wait(future: Any, seconds: float = 60.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while not future.done():
+        assert time.monotonic() < deadline, "no answer from the parameter service"
+        time.sleep(0.01)
+    return future.result()
+
+
+def _set(client: Any, name: str, value: Any) -> Any:
+    (result,) = _wait(client.set_parameters([Parameter(name, value=value)])).results
+    return result
+
+
+REFUSED = [
+    ("queue_size", "abc", "parameter 'queue_size': expected an integer in [1, 1000], got str"),
+    ("queue_size", 0, "parameter 'queue_size': 0 is not an integer in [1, 1000]"),
+    ("mode", "fast", "parameter 'mode': 'fast' is not one of 'generate', 'segment'"),
+    ("max_rate_hz", -2.0, "parameter 'max_rate_hz': -2.0 is not a double in [0.01, 1000]"),
+    ("continuous", "yes", "parameter 'continuous': expected a bool, got str 'yes'"),
+    ("model", "/other/model", "parameter 'model': read-only: set it at start-up"),
+    ("dtype", "float16", "parameter 'dtype': read-only"),
+]
+
+
+def test_bad_values_are_refused_at_once_naming_the_parameter(served) -> None:
+    node, client = served(autostart=False)
+    for name, value, reason in REFUSED:
+        before = node.get_parameter(name).value
+        result = _set(client, name, value)
+        assert not result.successful and reason in result.reason, (name, result.reason)
+        assert node.get_parameter(name).value == before
+    # Good values are accepted; an integer is taken for a double.
+    assert _set(client, "queue_size", 3).successful
+    assert node.get_parameter("queue_size").value == 3
+    assert _set(client, "max_rate_hz", 3).successful
+    value = node.get_parameter("max_rate_hz").value
+    assert value == 3.0 and isinstance(value, float)
+    # A rule between two parameters: explain needs mode generate.
+    assert _set(client, "mode", "segment").successful
+    result = _set(client, "explain", True)
+    assert not result.successful and "explain=true needs mode 'generate'" in result.reason
+    both = [Parameter("mode", value="generate"), Parameter("explain", value=True)]
+    assert _wait(client.set_parameters_atomically(both)).result.successful
+
+
+def test_describe_shows_type_range_choices_and_read_only(served) -> None:
+    from rcl_interfaces.msg import ParameterType
+
+    node, client = served(autostart=False)
+    names = ["queue_size", "max_image_age", "mode", "model"]
+    queue, age, mode, model = _wait(client.describe_parameters(names)).descriptors
+    assert queue.type == ParameterType.PARAMETER_INTEGER and not queue.dynamic_typing
+    (queue_range,) = queue.integer_range
+    assert (queue_range.from_value, queue_range.to_value) == (1, 1000)
+    assert "next configure" in queue.additional_constraints
+    (age_range,) = age.floating_point_range
+    assert (age_range.from_value, age_range.to_value) == (0.0, 3600.0)
+    assert age.type == ParameterType.PARAMETER_DOUBLE and "(s)" in age.description
+    assert "one of 'generate', 'segment'" in mode.additional_constraints and not mode.read_only
+    assert model.read_only and model.type == ParameterType.PARAMETER_STRING
+
+
+def test_live_settings_apply_to_the_running_node(served, capfd) -> None:
+    node, client = served(autostart=False, mode="segment")
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    assert _set(client, "max_image_age", 4.0).successful
+    assert node.pipeline.config.max_image_age == 4.0
+    assert node.config.pipeline.max_image_age == 4.0
+    assert _set(client, "mode", "generate").successful
+    assert node.config.mode == "generate"
+    # A setting that rebuilds topics waits for the next configure, and says so.
+    assert _set(client, "image_transport", "compressed").successful
+    assert node.config.image_transport == "raw"
+    deadline = time.monotonic() + 30
+    err = ""
+    while "takes effect on the next configure" not in err:
+        assert time.monotonic() < deadline, err
+        time.sleep(0.05)
+        err += capfd.readouterr().err
+    assert "parameter 'image_transport' set" in err
+    node.trigger_deactivate()
+    node.trigger_cleanup()
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.config.image_transport == "compressed"
+    node.trigger_cleanup()
+
+
+def test_bad_start_up_value_keeps_the_node_up_until_fixed(served) -> None:
+    node, client = served(autostart=False, queue_size="abc", max_rate_hz=3)
+    assert node.get_parameter("queue_size").value == defaults()["queue_size"]
+    assert node.get_parameter("max_rate_hz").value == 3.0
+    assert node.trigger_configure() == TransitionCallbackReturn.FAILURE
+    assert "parameter 'queue_size': expected an integer" in node.last_error
+    assert _set(client, "queue_size", 4).successful
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.config.pipeline.queue_size == 4
+    node.trigger_cleanup()
 
 
 def _calls(tree: ast.AST, name: str) -> list[ast.Call]:

@@ -29,6 +29,7 @@ from lisa_ros.pipeline import (
     Success,
     normalize_command,
 )
+from lisa_ros.settings import SettingError
 
 REPO = Path(__file__).resolve().parents[2]
 H, W = 24, 32
@@ -96,7 +97,6 @@ def make(**overrides: object) -> Pipeline:
     [
         ("explain", 1),
         ("continuous", "yes"),
-        ("overlay", None),
         ("age_from_header", 0),
         ("max_new_tokens", 0),
         ("max_new_tokens", 2.5),
@@ -113,8 +113,14 @@ def make(**overrides: object) -> Pipeline:
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(name: str, value: object) -> None:
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(SettingError) as info:
         PipelineConfig(**{name: value})
+    assert info.value.name == name and f"parameter '{name}'" in str(info.value)
+
+
+def test_config_overlay_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="overlay must be a bool"):
+        PipelineConfig(overlay=None)
 
 
 def test_config_defaults_and_int_seconds_become_float() -> None:
