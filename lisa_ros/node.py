@@ -60,6 +60,7 @@ from lisa_ros.conversion import (
 )
 from lisa_ros.parameters import ParameterGuard, refused, when
 from lisa_ros.pipeline import (
+    Encoded,
     Event,
     EventKind,
     Failure,
@@ -71,6 +72,7 @@ from lisa_ros.pipeline import (
     Success,
     event_text,
     failure_text,
+    success_text,
 )
 from lisa_ros.settings import BY_NAME, Applies, LisaNodeConfig, SettingError
 
@@ -526,12 +528,9 @@ class LisaNode(LifecycleNode):
             log.info(event.message)
         elif event.kind == EventKind.STOPPED:
             log.info(event.message)
-            self._publish_explanation(event.message)
-        else:  # rejected or dropped: a warning, and an answer on explanation for every one
-            text = event_text(event) or f"failed: {event.message}"
-            message = text.removeprefix("failed: ")
-            self._report(_reason_key(event.kind.value, message), message, publish=False)
-            self._publish_explanation(text)
+            self._publish_explanation(event_text(event) or event.message)
+        elif event.failure is not None:  # rejected, dropped, cancelled: each one is answered
+            self._publish_failure(event.failure)
 
     def _report(self, key: str, message: str, publish: bool) -> None:
         """Warn (throttled per key); with ``publish``, also answer on explanation (same rate)."""
@@ -568,6 +567,9 @@ class LisaNode(LifecycleNode):
                 )
                 pipeline.wait_for_input(1.0)
                 continue
+            if isinstance(outcome, Encoded):
+                self._log_encoding(outcome)
+                continue
             if outcome is not None:
                 if self._active.is_set():
                     try:
@@ -600,20 +602,34 @@ class LisaNode(LifecycleNode):
             if self._overlay_pub is not None and outcome.overlay is not None:
                 self._overlay_pub.publish(_image_msg(rgb_to_image_fields(outcome.overlay), header))
             if self._explanation_pub is not None:
-                self._explanation_pub.publish(String(data=outcome.explanation))
+                self._explanation_pub.publish(String(data=success_text(outcome)))
         n_masks = int(outcome.result.masks.shape[0])
+        encoding = (
+            "pre-encoded frame"
+            if outcome.preencoded
+            else f"encoding {outcome.encode_seconds:.2f} s"
+        )
         text = (
             f"served {'standing ' if outcome.standing else ''}command {outcome.command.id} "
             f"{outcome.command.text!r} on frame {frame.seq} ({frame.frame_id or 'no frame_id'}) "
-            f"in {outcome.inference_seconds:.2f} s: {n_masks} mask(s)"
+            f"in {outcome.inference_seconds:.2f} s ({encoding}): {n_masks} mask(s)"
         )
         if outcome.standing:
             self.get_logger().debug(text)
         else:
             self.get_logger().info(text)
 
+    def _log_encoding(self, encoded: Encoded) -> None:
+        if encoded.error is None:
+            self.get_logger().debug(
+                f"pre-encoded frame {encoded.frame.seq} in {encoded.seconds:.2f} s"
+            )
+            return
+        kind, reason = "preencode", f"{type(encoded.error).__name__}: {encoded.error}"
+        self._report(_reason_key(kind, reason), f"pre-encoding failed: {reason}", publish=False)
+
     def _publish_failure(self, failure: Failure) -> None:
-        message = f"{failure.reason} (command {failure.command.text!r})"
+        message = f"command {failure.command.id}: {failure.reason} ({failure.command.text!r})"
         held = self._throttle.check(_reason_key(failure.kind.value, failure.reason))
         if held is not None:
             suffix = f" ({held} more like this held back)" if held else ""

@@ -2,64 +2,104 @@
 
 It holds the latest camera frame (a one-slot buffer: a 30 Hz stream never builds a backlog), a
 bounded queue of text commands, the rule that pairs a command with a frame, the optional standing
-command of continuous mode, and the call into the model. It knows nothing of ROS or of any
+command of continuous mode, the conversation that follow-up commands continue, the pre-encoding
+of the newest frame while idle, and the call into the model. It knows nothing of ROS or of any
 clock: every method that needs the time takes ``now`` in seconds, so the node passes its clock
 (wall or simulated) and the replay passes bag time, and both see the same behaviour.
 
-Threading: ``push_frame``, ``push_command``, ``clear_standing``, ``clear``, ``wake`` and
-``stats`` may be called from any thread (ROS callbacks); ``next_job``/``run_job``/``step`` are
-meant for the one worker thread that owns the model. There are no threads in here. A driver loop
-looks like::
+Threading: ``push_frame``, ``push_command``, ``cancel``, ``clear_standing``, ``clear``, ``wake``,
+``reconfigure`` and ``stats`` may be called from any thread (ROS callbacks);
+``next_job``/``run_job``/``run_encode``/``step`` are meant for the one worker thread that owns
+the model. There are no threads in here. A driver loop looks like::
 
     while running:
         now = clock()
         outcome = pipeline.step(now, segmenter)   # None when there is nothing to do now
-        if outcome is not None:
+        if isinstance(outcome, (Success, Failure)):
             publish(outcome)
+        if outcome is not None:
             continue
         pipeline.wait_for_input(pipeline.time_until_next_event(now))  # woken by any push
+
+Every command gets an id (1, 2, ...) and ends in exactly one outcome (see
+:mod:`lisa_ros.pipeline_types`): a ``Success``, or a ``Failure`` returned by ``step``/``cancel``
+or carried by an ``Event`` of ``push_command`` (rejected, dropped from a full queue, cancelled by
+the stop command).
 
 Pairing rule: a command takes the newest frame if that frame's age is at most ``max_image_age``
 (age = ``now`` minus the frame's header stamp, or minus its arrival time when the stamp is zero or
 ``age_from_header`` is off). Otherwise it waits for a fresh frame until ``image_wait_timeout``
 after the command arrived, then fails with the reason. A stale frame is never used; a command
 that arrives before any image is served by the first fresh frame within the timeout. Commands
-are served in arrival order.
+are served in arrival order. With ``preencode`` on, a fresh frame that is already encoded is
+taken over a newer one that is not (it saves the encoding: the command costs what it costs on a
+set frame). A follow-up command (``follow_up``) runs on its conversation's frame, whatever its
+age, while the conversation is younger than ``follow_up_timeout``.
+
+Pre-encoding: while no command waits, the worker encodes the newest fresh frame (CLIP features,
+SAM embedding, prompt prefix: ``segmenter.set_image``), at most ``preencode_max_hz`` times a
+second. Only one encoded frame is held; a command waits behind at most the one encoding that is
+running when it arrives.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
 from lisa_model import visualize
 from lisa_ros import settings
+from lisa_ros.pipeline_types import (
+    Command,
+    CommandOptions,
+    Encode,
+    Event,
+    EventKind,
+    Failure,
+    FailureKind,
+    Frame,
+    Job,
+    Outcome,
+    PipelineStats,
+    Segmenter,
+    Stage,
+    Success,
+    event_text,
+    failure_text,
+)
 
-if TYPE_CHECKING:
-    from lisa_model.types import SegmentationResult
-
-
-class Segmenter(Protocol):
-    """What the pipeline needs from the model (``lisa_model.LisaPredictor`` is one)."""
-
-    def set_image(self, rgb: np.ndarray) -> None:
-        """Take a new ``(H, W, 3)`` uint8 RGB frame and cache the per-frame work."""
-        ...
-
-    def predict(
-        self, query: str, explain: bool = False, max_new_tokens: int = 64
-    ) -> SegmentationResult:
-        """Answer a query about the last frame; masks ``(N, H, W)`` bool in that frame."""
-        ...
+__all__ = [
+    "Command",
+    "CommandOptions",
+    "Encode",
+    "Encoded",
+    "Event",
+    "EventKind",
+    "Failure",
+    "FailureKind",
+    "Frame",
+    "Job",
+    "ModeSegmenter",
+    "Outcome",
+    "Pipeline",
+    "PipelineConfig",
+    "PipelineStats",
+    "Segmenter",
+    "Stage",
+    "Success",
+    "event_text",
+    "failure_text",
+    "normalize_command",
+    "success_text",
+]
 
 
 @dataclass(frozen=True)
@@ -83,9 +123,15 @@ class PipelineConfig:
         overlay: render an RGB overlay picture for every success (the node's
             ``publish_overlay``).
         stop_command: a command equal to this (ignoring case and surrounding spaces) is not sent
-            to the model: it clears the standing command and the waiting commands. "" disables it.
+            to the model: it clears the standing command, the waiting commands and the
+            conversation. "" disables it.
         age_from_header: age frames from their header stamp (when non-zero); False ages them from
             their arrival time, for cameras whose clock is not synchronised with ours.
+        follow_up: commands continue the previous conversation (an action goal may say so per
+            command).
+        follow_up_timeout: seconds after its last answer a conversation is over.
+        preencode: encode the newest fresh frame while idle.
+        preencode_max_hz: most pre-encodings per second; 0 turns pre-encoding off.
     """
 
     explain: bool = settings.default("explain")
@@ -99,6 +145,10 @@ class PipelineConfig:
     overlay: bool = True
     stop_command: str = settings.default("stop_command")
     age_from_header: bool = settings.default("age_from_header")
+    follow_up: bool = settings.default("follow_up")
+    follow_up_timeout: float = settings.default("follow_up_timeout")
+    preencode: bool = settings.default("preencode")
+    preencode_max_hz: float = settings.default("preencode_max_hz")
 
     def __post_init__(self) -> None:
         if not isinstance(self.overlay, bool):
@@ -111,168 +161,28 @@ class PipelineConfig:
         """The fields that are node settings (all but ``overlay``)."""
         return tuple(f.name for f in fields(cls) if f.name != "overlay")
 
-
-@dataclass(frozen=True, eq=False)
-class Frame:
-    """A camera frame as the pipeline holds it.
-
-    Attributes:
-        rgb: ``(H, W, 3)`` uint8 RGB in the camera frame; not copied, so the caller must not
-            modify it after pushing.
-        stamp: the source header's stamp in seconds (0.0 when unset).
-        received: pipeline time (``now``) when the frame was pushed.
-        header: the source header, opaque here; outputs copy it so they line up with the frame.
-        frame_id: the source header's ``frame_id``.
-        seq: 1, 2, ... in push order.
-    """
-
-    rgb: np.ndarray
-    stamp: float
-    received: float
-    header: Any = None
-    frame_id: str = ""
-    seq: int = 0
-
     @property
-    def hw(self) -> tuple[int, int]:
-        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+    def preencoding(self) -> bool:
+        return self.preencode and self.preencode_max_hz > 0.0
 
 
 @dataclass(frozen=True)
-class Command:
-    """An accepted command: whitespace-normalised text, arrival time (pipeline ``now``), id."""
+class Encoded:
+    """What ``step`` returns after a pre-encoding: the frame, the seconds it took, and the
+    exception when the model failed (the frame is then not encoded)."""
 
-    text: str
-    received: float
-    id: int
-
-
-class EventKind(enum.Enum):
-    COMMAND_ACCEPTED = "command_accepted"
-    COMMAND_REJECTED = "command_rejected"  # invalid text; never queued
-    COMMAND_DROPPED = "command_dropped"  # oldest waiting command pushed out of a full queue
-    STOPPED = "stopped"  # the stop command cleared the standing and waiting commands
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something a driver should log; ``command`` is the command it concerns, if any."""
-
-    kind: EventKind
-    message: str
-    command: Command | None = None
-
-    @property
-    def is_warning(self) -> bool:
-        return self.kind in (EventKind.COMMAND_REJECTED, EventKind.COMMAND_DROPPED)
-
-
-@dataclass(frozen=True)
-class Job:
-    """A command paired with a frame, ready for ``run_job``.
-
-    ``standing`` is True when continuous mode re-applies the standing command; ``started`` is
-    the pipeline time at which ``next_job`` handed it out.
-    """
-
-    command: Command
     frame: Frame
-    standing: bool
-    started: float
-
-
-class FailureKind(enum.Enum):
-    NO_IMAGE = "no_image"  # no frame arrived within image_wait_timeout
-    STALE_IMAGE = "stale_image"  # only frames older than max_image_age arrived
-    OUT_OF_MEMORY = "out_of_memory"  # the model ran out of (device) memory
-    MODEL_ERROR = "model_error"  # set_image/predict raised
-    BAD_RESULT = "bad_result"  # the model returned masks that do not fit the frame
-
-
-@dataclass(frozen=True, eq=False)
-class Success:
-    """A command answered on a frame.
-
-    Attributes:
-        command: the command.
-        frame: the frame it ran on (copy ``frame.header`` onto outputs).
-        result: the model's ``SegmentationResult`` (masks ``(N, H, W)`` bool in the frame).
-        mask: ``(H, W)`` uint8, 255 on the union of the masks, 0 elsewhere, in the frame's size.
-        explanation: the model's answer text.
-        inference_seconds: wall seconds spent in ``set_image`` (when called) and ``predict``.
-        standing: whether this was a continuous-mode re-run of the standing command.
-        overlay: ``(H, W, 3)`` uint8 RGB picture (masks tinted, command and answer written on
-            it) when ``PipelineConfig.overlay`` is on, else None.
-    """
-
-    command: Command
-    frame: Frame
-    result: SegmentationResult
-    mask: np.ndarray
-    explanation: str
-    inference_seconds: float
-    standing: bool = False
-    overlay: np.ndarray | None = None
-
-    ok = True
-
-
-@dataclass(frozen=True, eq=False)
-class Failure:
-    """A command that could not be answered; ``reason`` is a sentence for the log.
-
-    ``frame`` is the frame it was paired with (None when it timed out waiting), ``error`` the
-    exception the model raised, if any (for logging its traceback).
-    """
-
-    command: Command
-    kind: FailureKind
-    reason: str
-    frame: Frame | None = None
+    seconds: float
     error: BaseException | None = None
-    standing: bool = False
-
-    ok = False
 
 
-Outcome = Success | Failure
+@dataclass(frozen=True)
+class _Conversation:
+    """The questions and answers on one frame that a follow-up continues."""
 
-
-@dataclass
-class PipelineStats:
-    """Counters since the pipeline was made (a snapshot from ``Pipeline.stats()``).
-
-    ``frames_dropped`` counts frames replaced in the buffer before any command used them, which is
-    most frames when no command is running. ``served`` counts successes (``standing_runs`` of
-    them were continuous-mode re-runs); ``failures`` counts failures by ``FailureKind`` value.
-    """
-
-    frames_received: int = 0
-    frames_dropped: int = 0
-    commands_received: int = 0
-    commands_rejected: int = 0
-    commands_dropped: int = 0
-    commands_cancelled: int = 0
-    served: int = 0
-    standing_runs: int = 0
-    inference_seconds: float = 0.0
-    failures: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def failed(self) -> int:
-        return sum(self.failures.values())
-
-    def summary(self) -> str:
-        """One line for logs and end-of-run reports."""
-        mean = self.inference_seconds / self.served if self.served else 0.0
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.failures.items()))
-        return (
-            f"served {self.served} ({self.standing_runs} standing), failed {self.failed}"
-            f"{f' ({reasons})' if reasons else ''}, mean inference {mean:.3f} s; "
-            f"commands {self.commands_received} received, {self.commands_rejected} rejected, "
-            f"{self.commands_dropped} dropped, {self.commands_cancelled} cancelled; "
-            f"frames {self.frames_received} received, {self.frames_dropped} dropped"
-        )
+    frame: Frame
+    turns: tuple[tuple[str, str], ...]
+    updated: float
 
 
 def normalize_command(text: str, max_chars: int) -> tuple[str, str | None]:
@@ -295,6 +205,11 @@ def normalize_command(text: str, max_chars: int) -> tuple[str, str | None]:
     return normalised, None
 
 
+def success_text(success: Success) -> str:
+    """What the node publishes on ``explanation`` for an answered command: ``[id] answer``."""
+    return f"[{success.command.id}] {success.explanation}"
+
+
 def _classify_error(exc: BaseException) -> tuple[FailureKind, str]:
     """Name a model exception; out-of-memory is recognised by class name or message (so that
     ``torch.cuda.OutOfMemoryError`` is caught without importing torch)."""
@@ -315,11 +230,31 @@ def _ref(obj: Any) -> Callable[[], Any]:
         return lambda: obj
 
 
-class Pipeline:
-    """Frame buffer, command queue, pairing policy and model calls (see the module docstring)."""
+#: Checks a command's text and options before it is queued: a reason to reject it, or None.
+CommandCheck = Callable[[str, CommandOptions], "str | None"]
+#: Told when a command reaches a stage (called on the worker thread, outside the lock).
+StageObserver = Callable[[Command, Stage], None]
 
-    def __init__(self, config: PipelineConfig | None = None) -> None:
+
+class Pipeline:
+    """Frame buffer, command queue, pairing policy and model calls (see the module docstring).
+
+    Args:
+        config: the behaviour.
+        check_command: an extra check of each command at input (e.g. the model's token budget).
+        on_stage: told when a command starts waiting for a frame, encoding and decoding.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig | None = None,
+        *,
+        check_command: CommandCheck | None = None,
+        on_stage: StageObserver | None = None,
+    ) -> None:
         self.config = config if config is not None else PipelineConfig()
+        self._check_command = check_command
+        self._on_stage = on_stage
         self._lock = threading.Lock()
         self._input = threading.Condition(self._lock)
         self._woken = False
@@ -333,9 +268,17 @@ class Pipeline:
         self._standing: Command | None = None
         self._standing_frame_seq = 0  # newest frame the standing command has run on
         self._standing_next = -math.inf  # earliest time of its next run
-        # Which frame the segmenter holds (touched by the worker thread only).
+        self._conversation: _Conversation | None = None
+        # The frame the segmenter holds encoded, and who holds it (written by the worker).
         self._image_owner: Callable[[], Any] | None = None
-        self._image_seq = 0
+        self._encoded: Frame | None = None
+        self._encoding: Frame | None = None  # being pre-encoded now
+        # Commands that arrived while their frame was being pre-encoded (and fresh): id -> frame.
+        self._promised: dict[int, Frame] = {}
+        self._next_preencode = -math.inf
+        self._running: Command | None = None
+        self._cancel_running = False
+        self._reported_waiting = 0  # newest command id told WAITING_FOR_FRAME
         self._stats = PipelineStats()
 
     # ----------------------------------------------------------------------- input (any thread)
@@ -375,45 +318,73 @@ class Pipeline:
             self._wake_locked()
         return frame
 
-    def push_command(self, text: str, now: float) -> list[Event]:
-        """Validate and queue a command.
+    def push_command(
+        self, text: str, now: float, options: CommandOptions | None = None
+    ) -> list[Event]:
+        """Validate and queue a command (every command gets the next id).
 
-        Returns the events to log: ``COMMAND_REJECTED`` (with the reason), or ``STOPPED`` for the
-        stop command, or ``COMMAND_ACCEPTED`` preceded by ``COMMAND_DROPPED`` when the full queue
-        pushed out its oldest command. An accepted command ends any standing command at once.
+        Returns the events to log: ``COMMAND_REJECTED`` (with its failure), or ``STOPPED`` for
+        the stop command followed by one ``COMMAND_CANCELLED`` per waiting command, or
+        ``COMMAND_ACCEPTED`` preceded by ``COMMAND_DROPPED`` when the full queue pushed out its
+        oldest command. An accepted command ends any standing command at once.
         """
-        text, reason = normalize_command(str(text), self.config.max_command_chars)
+        options = options if options is not None else CommandOptions()
+        normalised, reason = normalize_command(str(text), self.config.max_command_chars)
+        if reason is None:
+            reason = self._check_options(options)
+        if reason is None and self._check_command is not None:
+            reason = self._check_command(normalised, options)
         with self._lock:
             self._stats.commands_received += 1
+            self._command_seq += 1
+            command = Command(normalised, float(now), self._command_seq, options)
             if reason is not None:
                 self._stats.commands_rejected += 1
-                return [Event(EventKind.COMMAND_REJECTED, f"rejected: {reason}")]
+                failure = Failure(command, FailureKind.REJECTED, f"command rejected: {reason}")
+                message = f"rejected command {command.id}: {reason}"
+                return [Event(EventKind.COMMAND_REJECTED, message, command, failure)]
             stop = self.config.stop_command.strip()
-            if stop and text.casefold() == stop.casefold():
-                return [self._stop_locked()]
+            if stop and normalised.casefold() == stop.casefold():
+                return self._stop_locked(command)
             events: list[Event] = []
             if len(self._commands) >= self.config.queue_size:
                 dropped = self._commands.popleft()
+                self._promised.pop(dropped.id, None)
                 self._stats.commands_dropped += 1
-                events.append(
-                    Event(
-                        EventKind.COMMAND_DROPPED,
-                        f"command queue full ({self.config.queue_size}): dropped the oldest "
-                        f"command {dropped.text!r}",
-                        dropped,
-                    )
+                reason = (
+                    f"command queue full ({self.config.queue_size}): dropped the oldest "
+                    f"command {dropped.id} {dropped.text!r}"
                 )
-            self._command_seq += 1
-            command = Command(text, float(now), self._command_seq)
+                failure = Failure(dropped, FailureKind.DROPPED, reason)
+                events.append(Event(EventKind.COMMAND_DROPPED, reason, dropped, failure))
             self._commands.append(command)
+            if self._encoding is not None and self._is_fresh(self._encoding, now):
+                self._promised[command.id] = self._encoding
             self._latest_command_id = command.id
-            message = f"accepted command {command.id}: {text!r}"
+            message = f"accepted command {command.id}: {normalised!r}"
             if self._standing is not None:
                 message += f" (ends standing command {self._standing.text!r})"
                 self._standing = None
             events.append(Event(EventKind.COMMAND_ACCEPTED, message, command))
             self._wake_locked()
             return events
+
+    def cancel(self, command_id: int) -> Event | None:
+        """Cancel a command. A waiting one leaves the queue at once: the returned
+        ``COMMAND_CANCELLED`` event carries its failure. The running one stops at the next stage
+        boundary (after encoding, before decoding) and ``run_job`` returns its ``CANCELLED``
+        failure; None is returned then, and for an id that is no longer known."""
+        with self._lock:
+            for command in self._commands:
+                if command.id == command_id:
+                    self._commands.remove(command)
+                    self._promised.pop(command.id, None)
+                    self._stats.commands_cancelled += 1
+                    failure = Failure(command, FailureKind.CANCELLED, "cancelled while waiting")
+                    return Event(EventKind.COMMAND_CANCELLED, failure.reason, command, failure)
+            if self._running is not None and self._running.id == command_id:
+                self._cancel_running = True
+            return None
 
     def clear_standing(self) -> Command | None:
         """End continuous re-runs of the standing command; return it (None if there was none).
@@ -428,14 +399,17 @@ class Pipeline:
             return standing
 
     def clear(self) -> None:
-        """Forget the frame, the waiting and standing commands and the segmenter's frame (e.g.
-        when the node deactivates); counters are kept."""
+        """Forget the frame, the waiting and standing commands, the conversation and the
+        segmenter's frame (e.g. when the node deactivates); counters are kept."""
         with self._lock:
             self._frame, self._frame_used = None, False
             self._commands.clear()
+            self._promised.clear()
             self._standing = None
             self._latest_command_id = None
+            self._conversation = None
             self._image_owner = None
+            self._encoded = None
             self._wake_locked()
 
     def wake(self) -> None:
@@ -458,6 +432,7 @@ class Pipeline:
         longer ``max_image_age`` or a new rate applies at once."""
         with self._lock:
             self.config = config
+            self._next_preencode = -math.inf
             self._wake_locked()
 
     def stats(self) -> PipelineStats:
@@ -477,89 +452,120 @@ class Pipeline:
         with self._lock:
             return len(self._commands)
 
+    @property
+    def encoded_frame(self) -> Frame | None:
+        """The frame the segmenter holds encoded (None when none or unknown)."""
+        with self._lock:
+            return self._encoded
+
     # ------------------------------------------------------------------------- worker thread
 
-    def next_job(self, now: float) -> Job | Failure | None:
+    def next_job(self, now: float) -> Job | Encode | Failure | None:
         """What the worker should do at time ``now``.
 
-        Returns a ``Job`` to pass to ``run_job`` (the oldest waiting command with the latest
-        frame if that frame is fresh, else the standing command on a new fresh frame when its
-        rate allows), a ``Failure`` for a command whose wait for a fresh frame timed out, or None
-        when there is nothing to do yet.
+        Returns a ``Job`` to pass to ``run_job`` (the oldest waiting command with its frame, see
+        the pairing rule, else the standing command on a new fresh frame when its rate allows),
+        a ``Failure`` for a command whose wait for a fresh frame timed out, an ``Encode`` for
+        ``run_encode`` when idle and pre-encoding is due, or None when there is nothing to do.
         """
         cfg = self.config
+        waiting: Command | None = None
         with self._lock:
             frame = self._frame
-            fresh = frame is not None and self._is_fresh(frame, now)
             if self._commands:
                 command = self._commands[0]
-                if fresh:
+                chosen, history = self._frame_for(command, frame, now)
+                if chosen is not None:
                     self._commands.popleft()
-                    self._frame_used = True
-                    return Job(command, frame, standing=False, started=float(now))
+                    self._promised.pop(command.id, None)
+                    self._frame_used = self._frame_used or chosen is frame
+                    return Job(command, chosen, False, float(now), history)
                 if now - command.received >= cfg.image_wait_timeout:
                     self._commands.popleft()
+                    self._promised.pop(command.id, None)
                     failure = self._timeout_failure(command, frame, now)
                     self._count_failure(failure)
                     return failure
-                return None
-            if (
-                cfg.continuous
-                and self._standing is not None
-                and fresh
-                and frame.seq > self._standing_frame_seq
-                and now >= self._standing_next
-            ):
-                self._frame_used = True
-                self._standing_frame_seq = frame.seq
-                self._standing_next = now + 1.0 / cfg.max_rate_hz
-                return Job(self._standing, frame, standing=True, started=float(now))
-            return None
+                if command.id > self._reported_waiting:
+                    self._reported_waiting = command.id
+                    waiting = command
+            elif cfg.continuous and self._standing is not None and now >= self._standing_next:
+                chosen = self._pick_frame(frame, now, after_seq=self._standing_frame_seq)
+                if chosen is not None:
+                    self._frame_used = self._frame_used or chosen is frame
+                    self._standing_frame_seq = chosen.seq
+                    self._standing_next = now + 1.0 / cfg.max_rate_hz
+                    return Job(self._standing, chosen, True, float(now))
+            if waiting is None and self._preencode_due(frame, now):
+                self._next_preencode = now + 1.0 / cfg.preencode_max_hz
+                return Encode(frame, float(now))
+        if waiting is not None:
+            self._tell(waiting, Stage.WAITING_FOR_FRAME)
+        return None
 
     def time_until_next_event(self, now: float) -> float | None:
         """Seconds from ``now`` until ``next_job`` may have work without new input: 0.0 when it
-        has work now, the time to a command's timeout or to the standing command's next allowed
-        run, or None when only a push can create work."""
+        has work now, the time to a command's timeout, to the standing command's next allowed
+        run or to the next pre-encoding, or None when only a push can create work."""
         cfg = self.config
         with self._lock:
             frame = self._frame
-            fresh = frame is not None and self._is_fresh(frame, now)
             if self._commands:
-                if fresh:
+                command = self._commands[0]
+                if self._frame_for(command, frame, now)[0] is not None:
                     return 0.0
-                return max(0.0, self._commands[0].received + cfg.image_wait_timeout - now)
-            if (
-                cfg.continuous
-                and self._standing is not None
-                and fresh
-                and frame.seq > self._standing_frame_seq
-            ):
-                return max(0.0, self._standing_next - now)
-            return None
+                return max(0.0, command.received + cfg.image_wait_timeout - now)
+            times = []
+            standing_frame = self._pick_frame(frame, now, after_seq=self._standing_frame_seq)
+            if cfg.continuous and self._standing is not None and standing_frame is not None:
+                times.append(max(0.0, self._standing_next - now))
+            if self._preencode_due(frame, now, ignore_rate=True):
+                times.append(max(0.0, self._next_preencode - now))
+            return min(times) if times else None
 
     def run_job(self, job: Job, segmenter: Segmenter) -> Outcome:
         """Run the model for a job; never raises for a model error.
 
         ``segmenter.set_image`` is called only when the segmenter does not already hold the job's
-        frame (several commands on one frame share one image encoding), then ``predict``. Any
-        exception becomes a ``Failure`` (``OUT_OF_MEMORY`` or ``MODEL_ERROR``), as do masks whose
-        size does not match the frame (``BAD_RESULT``).
+        frame (several commands on one frame share one image encoding, and a pre-encoded frame
+        costs nothing more), then ``predict``. Any exception becomes a ``Failure``
+        (``OUT_OF_MEMORY`` or ``MODEL_ERROR``), as do masks whose size does not match the frame
+        (``BAD_RESULT``); a cancel request ends the job between the stages (``CANCELLED``).
         """
         cfg, frame, command = self.config, job.frame, job.command
+        options = command.options
         start = time.perf_counter()
+        encode_seconds = 0.0
+        with self._lock:
+            self._running, self._cancel_running = command, False
+            preencoded = self._holds(segmenter, frame)
         try:
-            holder = self._image_owner() if self._image_owner is not None else None
-            if holder is not segmenter or self._image_seq != frame.seq:
-                self._image_owner = None  # unknown state if set_image fails half-way
-                segmenter.set_image(frame.rgb)
-                self._image_owner, self._image_seq = _ref(segmenter), frame.seq
+            if not preencoded:
+                self._tell(command, Stage.ENCODING)
+                self._set_image(segmenter, frame)
+                encode_seconds = time.perf_counter() - start
+            if self._take_cancel():
+                reason = "cancelled after the frame was encoded, before decoding"
+                kind = FailureKind.CANCELLED
+                return self._finish(job, Failure(command, kind, reason, frame, None, job.standing))
+            self._tell(command, Stage.DECODING)
+            extra: dict[str, Any] = {}
+            if options.mode is not None:
+                extra["mode"] = options.mode
+            if job.history:
+                extra["history"] = job.history
+            explain = cfg.explain if options.explain is None else options.explain
             result = segmenter.predict(
-                command.text, explain=cfg.explain, max_new_tokens=cfg.max_new_tokens
+                command.text, explain=explain, max_new_tokens=cfg.max_new_tokens, **extra
             )
         except Exception as exc:  # a model failure must not take the node down
-            self._image_owner = None
+            with self._lock:
+                self._image_owner, self._encoded = None, None
             kind, reason = _classify_error(exc)
             return self._finish(job, Failure(command, kind, reason, frame, exc, job.standing))
+        finally:
+            with self._lock:
+                self._running, self._cancel_running = None, False
         seconds = time.perf_counter() - start
         masks = np.asarray(result.masks)
         if masks.ndim != 3 or tuple(masks.shape[1:]) != frame.hw:
@@ -573,18 +579,55 @@ class Pipeline:
             picture = visualize.annotate(picture, f"> {command.text}\n{explanation}")
         mask = visualize.union_mask_u8(masks, frame.hw)
         success = Success(
-            command, frame, result, mask, explanation, seconds, job.standing, picture
+            command,
+            frame,
+            result,
+            mask,
+            explanation,
+            seconds,
+            job.standing,
+            picture,
+            encode_seconds=encode_seconds,
+            preencoded=preencoded,
+            turn=len(job.history) + 1,
         )
         return self._finish(job, success)
 
-    def step(self, now: float, segmenter: Segmenter) -> Outcome | None:
-        """``next_job(now)`` and, if it gave a job, ``run_job`` on it."""
+    def run_encode(self, encode: Encode, segmenter: Segmenter) -> Encoded:
+        """Pre-encode a frame (``segmenter.set_image``); a model error is returned, not raised."""
+        start = time.perf_counter()
+        with self._lock:
+            self._encoding = encode.frame
+        try:
+            self._set_image(segmenter, encode.frame)
+        except Exception as exc:  # reported by the driver; the next command encodes again
+            with self._lock:
+                self._image_owner, self._encoded, self._encoding = None, None, None
+            return Encoded(encode.frame, time.perf_counter() - start, exc)
+        with self._lock:
+            self._encoding = None
+            self._stats.preencoded += 1
+        return Encoded(encode.frame, time.perf_counter() - start)
+
+    def step(self, now: float, segmenter: Segmenter) -> Outcome | Encoded | None:
+        """``next_job(now)`` and, if it gave a job, ``run_job`` or ``run_encode`` on it."""
         work = self.next_job(now)
         if isinstance(work, Job):
             return self.run_job(work, segmenter)
+        if isinstance(work, Encode):
+            return self.run_encode(work, segmenter)
         return work
 
     # ----------------------------------------------------------------------------- internals
+
+    def _check_options(self, options: CommandOptions) -> str | None:
+        from lisa_model.options import MODES
+
+        if options.mode is not None and options.mode not in MODES:
+            return f"mode {options.mode!r} is not one of {', '.join(MODES)}"
+        if options.explain and options.mode == "segment":
+            return "explain needs mode 'generate' (mode 'segment' produces no text)"
+        return None
 
     def _is_fresh(self, frame: Frame, now: float) -> bool:
         max_age = self.config.max_image_age
@@ -593,6 +636,74 @@ class Pipeline:
     def _age(self, frame: Frame, now: float) -> float:
         use_stamp = self.config.age_from_header and frame.stamp > 0.0
         return now - (frame.stamp if use_stamp else frame.received)
+
+    def _frame_for(
+        self, command: Command, frame: Frame | None, now: float
+    ) -> tuple[Frame | None, tuple[tuple[str, str], ...]]:
+        """The frame the waiting ``command`` runs on now (None: none yet) and its history."""
+        conversation = self._live_conversation(command, now)
+        if conversation is not None:
+            return conversation.frame, conversation.turns
+        promised = self._promised.get(command.id)
+        if promised is not None and promised is self._encoded:
+            return promised, ()  # it was fresh when the command came during its encoding
+        return self._pick_frame(frame, now), ()
+
+    def _pick_frame(self, frame: Frame | None, now: float, after_seq: int = 0) -> Frame | None:
+        """The frame a command takes now (None: none is fresh): the newest, or with
+        pre-encoding the encoded one when it is fresh and the newest is not encoded yet."""
+        encoded = self._encoded
+        if (
+            self.config.preencoding
+            and encoded is not None
+            and encoded is not frame
+            and encoded.seq > after_seq
+            and self._is_fresh(encoded, now)
+        ):
+            return encoded
+        if frame is not None and frame.seq > after_seq and self._is_fresh(frame, now):
+            return frame
+        return None
+
+    def _preencode_due(self, frame: Frame | None, now: float, ignore_rate: bool = False) -> bool:
+        return (
+            self.config.preencoding
+            and frame is not None
+            and frame is not self._encoded
+            and self._is_fresh(frame, now)
+            and (ignore_rate or now >= self._next_preencode)
+        )
+
+    def _live_conversation(self, command: Command, now: float) -> _Conversation | None:
+        follow_up = command.options.follow_up
+        if not (self.config.follow_up if follow_up is None else follow_up):
+            return None
+        conversation = self._conversation
+        if conversation is None or now - conversation.updated > self.config.follow_up_timeout:
+            return None
+        return conversation
+
+    def _holds(self, segmenter: Segmenter, frame: Frame) -> bool:
+        holder = self._image_owner() if self._image_owner is not None else None
+        return holder is segmenter and self._encoded is frame
+
+    def _set_image(self, segmenter: Segmenter, frame: Frame) -> None:
+        with self._lock:
+            self._image_owner, self._encoded = None, None  # unknown if set_image fails
+        segmenter.set_image(frame.rgb)
+        with self._lock:
+            self._image_owner, self._encoded = _ref(segmenter), frame
+
+    def _take_cancel(self) -> bool:
+        with self._lock:
+            cancelled, self._cancel_running = self._cancel_running, False
+            if cancelled:
+                self._stats.commands_cancelled += 1
+            return cancelled
+
+    def _tell(self, command: Command, stage: Stage) -> None:
+        if self._on_stage is not None:
+            self._on_stage(command, stage)
 
     def _timeout_failure(self, command: Command, frame: Frame | None, now: float) -> Failure:
         cfg = self.config
@@ -606,11 +717,14 @@ class Pipeline:
         return Failure(command, FailureKind.STALE_IMAGE, reason)
 
     def _count_failure(self, failure: Failure) -> None:
+        if failure.kind == FailureKind.CANCELLED:
+            return  # counted as commands_cancelled
         key = failure.kind.value
         self._stats.failures[key] = self._stats.failures.get(key, 0) + 1
 
     def _finish(self, job: Job, outcome: Outcome) -> Outcome:
-        """Count an outcome of ``run_job``; a success of the newest command becomes standing."""
+        """Count an outcome of ``run_job``; a success of the newest command becomes standing and
+        continues the conversation (or starts a new one)."""
         with self._lock:
             if isinstance(outcome, Failure):
                 self._count_failure(outcome)
@@ -619,6 +733,11 @@ class Pipeline:
             self._stats.standing_runs += int(outcome.standing)
             self._stats.inference_seconds += outcome.inference_seconds
             command = outcome.command
+            if not outcome.standing:
+                turn = (command.text, outcome.explanation)
+                self._conversation = _Conversation(
+                    outcome.frame, (*job.history, turn), job.started + outcome.inference_seconds
+                )
             if (
                 self.config.continuous
                 and not outcome.standing
@@ -629,14 +748,27 @@ class Pipeline:
                 self._standing_next = job.started + 1.0 / self.config.max_rate_hz
             return outcome
 
-    def _stop_locked(self) -> Event:
-        cancelled = len(self._commands)
+    def _stop_locked(self, command: Command) -> list[Event]:
+        cancelled = list(self._commands)
         self._commands.clear()
-        self._stats.commands_cancelled += cancelled
+        self._promised.clear()
+        self._stats.commands_cancelled += len(cancelled)
         standing, self._standing = self._standing, None
         self._latest_command_id = None
+        self._conversation = None
         what = f"standing command {standing.text!r}" if standing else "no standing command"
-        return Event(EventKind.STOPPED, f"stopped: ended {what}, cancelled {cancelled} waiting")
+        events = [
+            Event(
+                EventKind.STOPPED,
+                f"stopped: ended {what}, cancelled {len(cancelled)} waiting",
+                command,
+            )
+        ]
+        for waiting in cancelled:
+            reason = f"cancelled by the stop command {command.id}"
+            failure = Failure(waiting, FailureKind.CANCELLED, reason)
+            events.append(Event(EventKind.COMMAND_CANCELLED, reason, waiting, failure))
+        return events
 
     def _wake_locked(self) -> None:
         self._woken = True
@@ -644,8 +776,9 @@ class Pipeline:
 
 
 class ModeSegmenter:
-    """A ``LisaPredictor`` seen through the :class:`Segmenter` protocol, answering in one
-    ``mode`` (``"generate"`` or ``"segment"``); masks ``(N, H, W)`` bool in the frame."""
+    """A ``LisaPredictor`` seen through the :class:`Segmenter` protocol, answering in ``mode``
+    (``"generate"`` or ``"segment"``) unless a command asks for the other; masks ``(N, H, W)``
+    bool in the frame."""
 
     def __init__(self, predictor: Any, mode: str) -> None:
         self.predictor, self.mode = predictor, mode
@@ -653,23 +786,19 @@ class ModeSegmenter:
     def set_image(self, rgb: np.ndarray) -> None:
         self.predictor.set_image(rgb)
 
-    def predict(self, query: str, explain: bool = False, max_new_tokens: int = 64) -> Any:
+    def predict(
+        self,
+        query: str,
+        explain: bool = False,
+        max_new_tokens: int = 64,
+        mode: str | None = None,
+        history: tuple[tuple[str, str], ...] = (),
+    ) -> Any:
+        extra = {"history": history} if history else {}
         return self.predictor.predict(
-            query, explain=explain, max_new_tokens=max_new_tokens, mode=self.mode
+            query,
+            explain=explain,
+            max_new_tokens=max_new_tokens,
+            mode=mode or self.mode,
+            **extra,
         )
-
-
-def failure_text(failure: Failure) -> str:
-    """What the node publishes on ``explanation`` for a failed command."""
-    return f"failed: {failure.reason} (command {failure.command.text!r})"
-
-
-def event_text(event: Event) -> str | None:
-    """What the node publishes on ``explanation`` for a command event (None: nothing)."""
-    if event.kind == EventKind.STOPPED:
-        return event.message
-    if event.kind == EventKind.COMMAND_REJECTED:
-        return f"failed: command {event.message}"
-    if event.kind == EventKind.COMMAND_DROPPED:
-        return f"failed: {event.message}"
-    return None

@@ -132,6 +132,7 @@ def _number(value: float) -> str:
 _MODEL = "model"
 _ANSWERS = "answers"
 _PAIRING = "pairing commands with frames"
+_PREENCODE = "pre-encoding"
 _TOPICS = "topics"
 _NODE = "node"
 
@@ -212,6 +213,23 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=100_000,
     ),
     Setting(
+        "follow_up",
+        False,
+        "commands continue the previous conversation: its frame, its questions and answers in "
+        'the prompt ("now the one on the left"); an action goal\'s follow_up does the same',
+        _ANSWERS,
+    ),
+    Setting(
+        "follow_up_timeout",
+        30.0,
+        "a conversation older than this (since its last answer) is over: the next command is a "
+        "new question on a fresh frame",
+        _ANSWERS,
+        minimum=0.0,
+        maximum=3600.0,
+        unit="s",
+    ),
+    Setting(
         "max_image_age",
         1.0,
         "a frame older than this (header stamp, else arrival) is never used; 0 = any age",
@@ -265,6 +283,22 @@ SETTINGS: tuple[Setting, ...] = (
         "a command equal to this (any case) ends continuous mode and cancels waiting commands; "
         "empty = none",
         _PAIRING,
+    ),
+    Setting(
+        "preencode",
+        True,
+        "while idle, encode the newest fresh frame (CLIP, SAM, prompt prefix) so that a command "
+        "finds it encoded; costs one encoding per frame at up to preencode_max_hz",
+        _PREENCODE,
+    ),
+    Setting(
+        "preencode_max_hz",
+        2.0,
+        "most frames pre-encoded per second; 0 = off",
+        _PREENCODE,
+        minimum=0.0,
+        maximum=100.0,
+        unit="Hz",
     ),
     Setting(
         "image_transport",

@@ -352,6 +352,9 @@ def main(ros: Ros, shared_model: Any) -> tuple[LisaNode, Probe]:
                 image_wait_timeout=MAIN_WAIT,
                 max_command_chars=60,
                 publish_compressed_mask=True,
+                # These tests pin which frame a command pairs with; with pre-encoding a command
+                # may take an earlier, already encoded fresh frame (tested on its own).
+                preencode=False,
             ),
         )
     )
@@ -369,8 +372,8 @@ def test_frame_and_command_give_mask_explanation_overlay(main, encoding: str) ->
     header = probe.frame_taken(node, msg, f"cam_{encoding}")
     probe.command("the red ball")
     assert wait_until(lambda: probe.mask_for(f"cam_{encoding}") is not None, 20.0), probe.texts()
-    probe.wait_text(n_expl, r"^(?!failed)")  # the answer, not a failure report
-    assert not [t for t in probe.texts()[n_expl:] if t.startswith("failed")]
+    probe.wait_text(n_expl, r"^\[\d+\] (?!failed)")  # the answer, not a failure report
+    assert not [t for t in probe.texts()[n_expl:] if re.match(r"^\[\d+\] failed", t)]
     mask_msg = probe.mask_for(f"cam_{encoding}").msg
     # The mask lines up with the frame: same header, same size, mono8 0/255.
     assert mask_msg.header.stamp == header.stamp and mask_msg.header.frame_id == header.frame_id
@@ -402,10 +405,10 @@ def test_stale_frame_is_never_used(main) -> None:
     probe.frame(encoded(rgb, "rgb8")[0], "old_a", age=30.0)
     start = time.monotonic()
     probe.command("the red ball")
-    text = probe.wait_text(n_expl, r"^failed: latest image")
+    text = probe.wait_text(n_expl, r"^\[\d+\] failed: latest image")
     assert time.monotonic() - start >= MAIN_WAIT - 0.1
     pattern = r"failed: latest image is 3\d\.\d s old, older than max_image_age 4\.0 s"
-    assert re.fullmatch(pattern + r" \(command 'the red ball'\)", text), text
+    assert re.fullmatch(r"\[\d+\] " + pattern + r" \(command 'the red ball'\)", text), text
     assert probe.mask_for("old_a") is None
     # Stale frame, command, then a fresh frame within the timeout: served on the fresh one.
     probe.frame(encoded(rgb, "rgb8")[0], "old_b", age=30.0)
@@ -439,11 +442,13 @@ def test_bad_frames_and_commands_are_reported_and_node_keeps_serving(main) -> No
     probe.command("x" * 61)
     probe.wait_text(n_expl, "more than max_command_chars")
     rejected = [t for t in probe.texts()[n_expl:] if "command rejected" in t]
-    assert rejected == [
+    assert [re.sub(r"^\[\d+\] | \(command '.*'\)$", "", t) for t in rejected] == [
         "failed: command rejected: command is empty",
         "failed: command rejected: command is empty",
         "failed: command rejected: command has 61 characters, more than max_command_chars 60",
     ]
+    ids = [int(re.match(r"^\[(\d+)\]", t).group(1)) for t in rejected]
+    assert ids == sorted(set(ids)), rejected  # every command has its own id
     time.sleep(0.3)
     assert sum("unsupported image encoding" in t for t in probe.texts()[n_expl:]) == 1
     stats = node.pipeline.stats()
@@ -505,8 +510,13 @@ def test_image_flood_during_slow_inference_keeps_one_frame_and_flat_memory(
             wrap=lambda s: SlowSegmenter(s, delay=0.5),
             namespace="/lisa_flood",
             context=ros.context,
+            # Without pre-encoding, so that which commands the full queue drops is known.
             parameter_overrides=params(
-                model=str(TINY), mode="segment", queue_size=2, image_wait_timeout=5.0
+                model=str(TINY),
+                mode="segment",
+                queue_size=2,
+                image_wait_timeout=5.0,
+                preencode=False,
             ),
         )
     )
@@ -535,8 +545,12 @@ def test_image_flood_during_slow_inference_keeps_one_frame_and_flat_memory(
     stats = node.pipeline.stats()
 
     texts = probe.texts()
-    assert "failed: command queue full (2): dropped the oldest command 'B'" in texts
-    assert "failed: command queue full (2): dropped the oldest command 'C'" in texts
+    for name in ("B", "C"):
+        pattern = (
+            rf"\[\d+\] failed: command queue full \(2\): dropped the oldest command \d+ "
+            rf"'{name}' \(command '{name}'\)"
+        )
+        assert any(re.fullmatch(pattern, t) for t in texts), texts
     assert stats.served - stats0.served == 3 and stats.commands_dropped == 2
     assert len(probe.masks) == 4  # warm up, A, D, E; nothing else
     # No backlog: each job took the newest frame when it started, never a queued old one.
@@ -557,12 +571,15 @@ def test_image_flood_during_slow_inference_keeps_one_frame_and_flat_memory(
         probe.command("trigger out of memory")
         probe.wait_text(
             n,
-            r"^failed: out of memory while running the model "
+            r"^\[\d+\] failed: out of memory while running the model "
             r"\(OutOfMemoryError: CUDA out of memory",
         )
         probe.command("please raise an error")
-        text = probe.wait_text(n, "^failed: model error")
-        assert text == "failed: model error: RuntimeError: boom (command 'please raise an error')"
+        text = probe.wait_text(n, r"^\[\d+\] failed: model error")
+        assert re.fullmatch(
+            r"\[\d+\] failed: model error: RuntimeError: boom \(command 'please raise an error'\)",
+            text,
+        ), text
         probe.command("the ball")
         assert wait_until(lambda: len(probe.masks) == 5, 30.0), probe.texts()
 
@@ -593,8 +610,8 @@ def test_continuous_mode_and_stop_command(ros: Ros, shared_model: Any) -> None:
         assert ids == sorted(set(ids)), ids  # every run on a newer frame
         n = len(probe.explanations)
         probe.command("STOP ")
-        assert wait_until(lambda: any(t.startswith("stopped:") for t in probe.texts()[n:]), 10.0)
-        stopped = [t for t in probe.texts() if t.startswith("stopped:")]
+        assert wait_until(lambda: any("] stopped:" in t for t in probe.texts()[n:]), 10.0)
+        stopped = [re.sub(r"^\[\d+\] ", "", t) for t in probe.texts() if "] stopped:" in t]
         assert stopped == ["stopped: ended standing command 'the ball', cancelled 0 waiting"]
         # At most the run in flight when "stop" came may still finish; then masks stop for good
         # while frames keep coming (a standing command would run again within an inference).

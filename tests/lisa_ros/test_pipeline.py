@@ -20,14 +20,20 @@ import pytest
 from lisa_model.types import SegmentationResult
 from lisa_ros.pipeline import (
     Command,
+    CommandOptions,
+    Encode,
+    Encoded,
     EventKind,
     Failure,
     FailureKind,
     Job,
     Pipeline,
     PipelineConfig,
+    Stage,
     Success,
+    failure_text,
     normalize_command,
+    success_text,
 )
 from lisa_ros.settings import SettingError
 
@@ -61,6 +67,7 @@ class FakeSegmenter:
         self.fail_set_image, self.mask_hw = fail_set_image, mask_hw
         self.images: list[np.ndarray] = []
         self.queries: list[tuple[str, bool, int]] = []
+        self.extra: list[dict[str, object]] = []  # mode / history, when given
 
     def set_image(self, rgb: np.ndarray) -> None:
         if self.fail_set_image and self.error is not None:
@@ -68,9 +75,10 @@ class FakeSegmenter:
         self.images.append(rgb)
 
     def predict(
-        self, query: str, explain: bool = False, max_new_tokens: int = 64
+        self, query: str, explain: bool = False, max_new_tokens: int = 64, **extra: object
     ) -> SegmentationResult:
         self.queries.append((query, explain, max_new_tokens))
+        self.extra.append(extra)
         if self.clock is not None:
             self.clock.t += self.delay
         if self.error is not None and not self.fail_set_image:
@@ -86,7 +94,8 @@ def rgb(value: int = 0) -> np.ndarray:
 
 
 def make(**overrides: object) -> Pipeline:
-    return Pipeline(PipelineConfig(**overrides))
+    """A pipeline; pre-encoding off unless asked for (most tests are about pairing)."""
+    return Pipeline(PipelineConfig(**{"preencode": False, **overrides}))
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -484,9 +493,15 @@ def test_stop_command_clears_standing_and_waiting_commands() -> None:
     p.step(0.0, seg)
     p.push_command("bowl", 0.1)
     p.push_command("plate", 0.1)
-    [event] = p.push_command("  STOP ", 0.2)
+    event, *cancelled = p.push_command("  STOP ", 0.2)
     assert event.kind is EventKind.STOPPED and "'cup'" not in event.message
     assert "cancelled 2 waiting" in event.message
+    assert event.command.text == "STOP" and event.command.id == 4 and event.failure is None
+    # Each waiting command ends with its own typed failure.
+    assert [e.kind for e in cancelled] == [EventKind.COMMAND_CANCELLED] * 2
+    assert [e.failure.command.text for e in cancelled] == ["bowl", "plate"]
+    assert {e.failure.kind for e in cancelled} == {FailureKind.CANCELLED}
+    assert all("stop command 4" in e.failure.reason for e in cancelled)
     assert p.standing is None and p.waiting_commands == 0
     p.push_frame(rgb(), 0.3)
     assert p.next_job(0.3) is None
@@ -591,3 +606,208 @@ def test_core_modules_import_neither_torch_nor_rclpy() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+# ------------------------------------------------------------- typed outcomes: ids, cancel, stages
+
+
+def test_every_command_gets_an_id_and_exactly_one_outcome() -> None:
+    p = make(queue_size=1)
+    seg = FakeSegmenter()
+    (rejected,) = p.push_command("", 0.0)
+    (accepted,) = p.push_command("cup", 0.0)
+    dropped, accepted2 = p.push_command("bowl", 0.0)
+    assert [rejected.command.id, accepted.command.id, accepted2.command.id] == [1, 2, 3]
+    assert rejected.failure.kind is FailureKind.REJECTED and rejected.failure.command.id == 1
+    assert dropped.kind is EventKind.COMMAND_DROPPED and dropped.failure.command.id == 2
+    assert dropped.failure.kind is FailureKind.DROPPED and accepted.failure is None
+    p.push_frame(rgb(), 0.0)
+    outcome = p.step(0.0, seg)
+    assert isinstance(outcome, Success) and outcome.command.id == 3
+    assert failure_text(rejected.failure).startswith("[1] failed: command rejected: ")
+    assert success_text(outcome) == "[3] [SEG]"
+
+
+def test_cancel_a_waiting_command_and_the_running_one_between_stages() -> None:
+    cancelled_ids: list[int] = []
+    p = None
+
+    def on_stage(command: Command, stage: Stage) -> None:
+        if stage is Stage.ENCODING and command.text == "bowl":
+            assert p.cancel(command.id) is None  # running: ends before decoding
+            cancelled_ids.append(command.id)
+
+    p = Pipeline(PipelineConfig(preencode=False), on_stage=on_stage)
+    seg = FakeSegmenter()
+    p.push_command("cup", 0.0)
+    p.push_command("bowl", 0.0)
+    event = p.cancel(1)
+    assert event.kind is EventKind.COMMAND_CANCELLED and event.failure.command.text == "cup"
+    assert p.cancel(1) is None and p.cancel(99) is None
+    p.push_frame(rgb(), 0.0)
+    outcome = p.step(0.0, seg)
+    assert isinstance(outcome, Failure) and outcome.kind is FailureKind.CANCELLED
+    assert outcome.command.text == "bowl" and cancelled_ids == [2]
+    assert seg.queries == []  # never decoded
+    assert p.stats().commands_cancelled == 2 and p.stats().failed == 0
+
+
+def test_stages_are_told_in_order_and_waiting_once() -> None:
+    seen: list[tuple[int, Stage]] = []
+    p = Pipeline(PipelineConfig(preencode=False), on_stage=lambda c, s: seen.append((c.id, s)))
+    seg = FakeSegmenter()
+    p.push_command("cup", 0.0)
+    assert p.next_job(0.0) is None and p.next_job(0.1) is None
+    p.push_frame(rgb(), 0.2)
+    assert isinstance(p.step(0.2, seg), Success)
+    p.push_command("bowl", 0.3)
+    assert isinstance(p.step(0.3, seg), Success)  # same frame: no encoding
+    assert seen == [
+        (1, Stage.WAITING_FOR_FRAME),
+        (1, Stage.ENCODING),
+        (1, Stage.DECODING),
+        (2, Stage.DECODING),
+    ]
+
+
+def test_per_command_options_and_the_input_check() -> None:
+    def check(text: str, options: CommandOptions) -> str | None:
+        return "too many tokens" if len(text) > 10 else None
+
+    p = Pipeline(PipelineConfig(preencode=False), check_command=check)
+    seg = FakeSegmenter()
+    (long,) = p.push_command("a very long command", 0.0)
+    assert long.failure.kind is FailureKind.REJECTED and "too many tokens" in long.failure.reason
+    (bad,) = p.push_command("cup", 0.0, CommandOptions(mode="segment", explain=True))
+    assert "explain needs mode 'generate'" in bad.failure.reason
+    (odd,) = p.push_command("cup", 0.0, CommandOptions(mode="fast"))
+    assert "mode 'fast' is not one of generate, segment" in odd.failure.reason
+    p.push_command("cup", 0.0, CommandOptions(mode="segment", explain=False))
+    p.push_command("bowl", 0.0, CommandOptions(explain=True))
+    p.push_frame(rgb(), 0.0)
+    p.step(0.0, seg)
+    p.step(0.0, seg)
+    assert seg.queries == [("cup", False, 64), ("bowl", True, 64)]
+    assert seg.extra == [{"mode": "segment"}, {}]
+
+
+# ---------------------------------------------------------------------------- pre-encoding
+
+
+def test_idle_worker_pre_encodes_the_newest_frame_at_most_at_the_rate() -> None:
+    p = make(preencode=True, preencode_max_hz=2.0)
+    seg = FakeSegmenter()
+    first = p.push_frame(rgb(1), 0.0)
+    work = p.next_job(0.0)
+    assert isinstance(work, Encode) and work.frame is first
+    encoded = p.run_encode(work, seg)
+    assert isinstance(encoded, Encoded) and encoded.error is None and p.encoded_frame is first
+    assert p.next_job(0.1) is None  # nothing new
+    second = p.push_frame(rgb(2), 0.2)
+    assert p.next_job(0.2) is None  # rate: next pre-encoding at 0.5
+    assert p.time_until_next_event(0.2) == pytest.approx(0.3)
+    work = p.next_job(0.5)
+    assert isinstance(work, Encode) and work.frame is second
+    assert len(seg.images) == 1
+    assert p.stats().preencoded == 1
+
+
+def test_a_command_uses_the_pre_encoded_frame_without_encoding_again() -> None:
+    p = make(preencode=True, preencode_max_hz=1.0, max_image_age=1.0)
+    seg = FakeSegmenter()
+    encoded = p.push_frame(rgb(1), 0.0)
+    assert isinstance(p.step(0.0, seg), Encoded)
+    newer = p.push_frame(rgb(2), 0.3)  # arrived after the encoding: not encoded
+    p.push_command("cup", 0.4)
+    outcome = p.step(0.4, seg)
+    assert isinstance(outcome, Success) and outcome.frame is encoded
+    assert outcome.preencoded and outcome.encode_seconds == 0.0
+    assert len(seg.images) == 1
+    # Once the encoded frame is too old, the command takes (and encodes) the newest one.
+    p.push_command("bowl", 1.2)
+    outcome = p.step(1.2, seg)
+    assert outcome.frame is newer and not outcome.preencoded and len(seg.images) == 2
+
+
+def test_pre_encoding_off_or_at_zero_hz_never_encodes_while_idle() -> None:
+    for config in ({"preencode": False}, {"preencode": True, "preencode_max_hz": 0.0}):
+        p = make(**config)
+        p.push_frame(rgb(), 0.0)
+        assert p.next_job(0.0) is None and p.time_until_next_event(0.0) is None
+
+
+def test_a_failed_pre_encoding_is_reported_and_the_command_encodes_again() -> None:
+    p = make(preencode=True)
+    p.push_frame(rgb(), 0.0)
+    encoded = p.step(0.0, FakeSegmenter(error=RuntimeError("boom"), fail_set_image=True))
+    assert isinstance(encoded, Encoded) and isinstance(encoded.error, RuntimeError)
+    assert p.encoded_frame is None
+    seg = FakeSegmenter()
+    p.push_command("cup", 0.1)
+    outcome = p.step(0.1, seg)
+    assert isinstance(outcome, Success) and not outcome.preencoded and len(seg.images) == 1
+
+
+# ------------------------------------------------------------------------------ follow-ups
+
+
+def test_a_follow_up_runs_on_its_conversation_frame_with_the_earlier_turns() -> None:
+    p = make(follow_up_timeout=10.0, max_image_age=1.0)
+    seg = FakeSegmenter()
+    first_frame = p.push_frame(rgb(1), 0.0)
+    p.push_command("the cups", 0.0)
+    first = p.step(0.0, seg)
+    assert first.turn == 1 and seg.extra[-1] == {}
+    p.push_frame(rgb(2), 5.0)
+    p.push_command("now the one on the left", 5.0, CommandOptions(follow_up=True))
+    second = p.step(5.0, seg)
+    assert second.frame is first_frame and second.turn == 2
+    assert seg.extra[-1] == {"history": (("the cups", "[SEG]"),)}
+    p.push_command("and the right one", 6.0, CommandOptions(follow_up=True))
+    third = p.step(6.0, seg)
+    assert third.turn == 3 and seg.extra[-1]["history"] == (
+        ("the cups", "[SEG]"),
+        ("now the one on the left", "[SEG]"),
+    )
+    # A new question (no follow-up) starts over on the newest frame.
+    p.push_frame(rgb(3), 6.5)
+    p.push_command("the plate", 6.5)
+    fourth = p.step(6.5, seg)
+    assert fourth.turn == 1 and fourth.frame is not first_frame and seg.extra[-1] == {}
+
+
+def test_a_conversation_ends_after_its_timeout_or_the_stop_command() -> None:
+    p = make(follow_up=True, follow_up_timeout=2.0)
+    seg = FakeSegmenter()
+    p.push_frame(rgb(1), 0.0)
+    p.push_command("the cups", 0.0)
+    p.step(0.0, seg)
+    p.push_frame(rgb(2), 3.0)
+    p.push_command("the left one", 3.0)  # the node's follow_up: on, but 3 s > 2 s
+    late = p.step(3.0, seg)
+    assert late.turn == 1 and seg.extra[-1] == {}
+    p.push_command("stop", 3.5)
+    p.push_command("the right one", 3.6)
+    after_stop = p.step(3.6, seg)
+    assert after_stop.turn == 1
+
+
+def test_a_command_that_comes_during_the_encoding_of_a_fresh_frame_gets_it() -> None:
+    p = make(preencode=True, max_image_age=1.0)
+
+    class SlowEncode(FakeSegmenter):
+        def set_image(self, rgb: np.ndarray) -> None:
+            super().set_image(rgb)
+            if len(self.images) == 1:  # the command arrives while the frame is being encoded
+                p.push_command("cup", 0.5)
+
+    seg = SlowEncode()
+    frame = p.push_frame(rgb(), 0.0)
+    assert isinstance(p.step(0.0, seg), Encoded)
+    # The encoding took long (2.5 s on a loaded machine): the frame is now older than
+    # max_image_age, but it was fresh when the command came, which waits for no other encoding.
+    outcome = p.step(2.5, seg)
+    assert isinstance(outcome, Success) and outcome.frame is frame and outcome.preencoded
+    # A command that comes after the encoding is judged when it runs: the frame is stale.
+    p.push_command("bowl", 2.6)
+    assert p.next_job(2.6) is None
