@@ -32,8 +32,20 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from rosbags.typesys import Stores, get_typestore
 
 from lisa_model.cli.common import UserError, run_cli
+from lisa_ros.conversion import rgb_to_image_fields
+from lisa_ros.replay.bags import (
+    COMPRESSED_TYPE,
+    IMAGE_TYPE,
+    NS,
+    STORAGES,
+    STRING_TYPE,
+    header_msg,
+    image_msg,
+    open_writer,
+)
 
 IMAGE_TOPIC = "/camera/color/image_raw"
 COMPRESSED_TOPIC = IMAGE_TOPIC + "/compressed"
@@ -50,9 +62,7 @@ DEFAULT_COMMANDS: tuple[tuple[float, str], ...] = (
 )
 
 #: Bag time of the first frame: 2023-11-14 22:13:20 UTC, a fixed, realistic Unix time.
-DEFAULT_START_NS = 1_700_000_000 * 1_000_000_000
-
-STORAGES = ("sqlite3", "mcap")
+DEFAULT_START_NS = 1_700_000_000 * NS
 
 
 def draw_scene(t: float, width: int = 320, height: int = 240) -> np.ndarray:
@@ -126,9 +136,6 @@ def make_demo_bag(
     Returns:
         ``path`` as a ``Path``.
     """
-    from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
-    from rosbags.typesys import Stores, get_typestore
-
     path = Path(path)
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
@@ -140,45 +147,23 @@ def make_demo_bag(
     if path.exists():
         raise FileExistsError(f"{path} exists; the demo bag is only written to a new path")
     ts = get_typestore(Stores.ROS2_HUMBLE)
-    image_t, compressed_t = (
-        ts.types["sensor_msgs/msg/Image"],
-        ts.types["sensor_msgs/msg/CompressedImage"],
-    )
-    header_t, time_t = ts.types["std_msgs/msg/Header"], ts.types["builtin_interfaces/msg/Time"]
-    string_t = ts.types["std_msgs/msg/String"]
-
-    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-    writer = Writer(path, version=9, storage_plugin=plugin)
-    if compress:
-        mode = CompressionMode.STORAGE if storage == "mcap" else CompressionMode.MESSAGE
-        writer.set_compression(mode, CompressionFormat.ZSTD)
+    compressed_t, string_t = ts.types[COMPRESSED_TYPE], ts.types[STRING_TYPE]
+    writer = open_writer(path, storage, compress=compress)
     period_ns = int(round(1e9 / rate_hz))
     latency_ns = int(round(camera_latency * 1e9))
     with writer:
-        raw_conn = writer.add_connection(IMAGE_TOPIC, "sensor_msgs/msg/Image", typestore=ts)
+        raw_conn = writer.add_connection(IMAGE_TOPIC, IMAGE_TYPE, typestore=ts)
         jpeg_conn = None
         if compressed_topic:
-            jpeg_conn = writer.add_connection(
-                COMPRESSED_TOPIC, "sensor_msgs/msg/CompressedImage", typestore=ts
-            )
-        command_conn = writer.add_connection(COMMAND_TOPIC, "std_msgs/msg/String", typestore=ts)
+            jpeg_conn = writer.add_connection(COMPRESSED_TOPIC, COMPRESSED_TYPE, typestore=ts)
+        command_conn = writer.add_connection(COMMAND_TOPIC, STRING_TYPE, typestore=ts)
         for i in range(frames):
             t_ns = start_ns + i * period_ns
             stamp_ns = t_ns - latency_ns
-            header = header_t(
-                stamp=time_t(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id=FRAME_ID
-            )
+            header = header_msg(ts, stamp_ns // NS, stamp_ns % NS, FRAME_ID)
             rgb = draw_scene(i / rate_hz, width, height)
-            msg = image_t(
-                header=header,
-                height=height,
-                width=width,
-                encoding="rgb8",
-                is_bigendian=0,
-                step=3 * width,
-                data=rgb.reshape(-1),
-            )
-            writer.write(raw_conn, t_ns, ts.serialize_cdr(msg, "sensor_msgs/msg/Image"))
+            msg = image_msg(ts, header, rgb_to_image_fields(rgb))
+            writer.write(raw_conn, t_ns, ts.serialize_cdr(msg, IMAGE_TYPE))
             if jpeg_conn is not None:
                 bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
                 ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -191,11 +176,11 @@ def make_demo_bag(
                 writer.write(
                     jpeg_conn,
                     t_ns + 2_000_000,
-                    ts.serialize_cdr(cmsg, "sensor_msgs/msg/CompressedImage"),
+                    ts.serialize_cdr(cmsg, COMPRESSED_TYPE),
                 )
         for seconds, text in commands:
             t_ns = start_ns + int(round(seconds * 1e9))
-            data = ts.serialize_cdr(string_t(data=text), "std_msgs/msg/String")
+            data = ts.serialize_cdr(string_t(data=text), STRING_TYPE)
             writer.write(command_conn, t_ns, data)
     return path
 

@@ -51,6 +51,7 @@ from lisa_ros.replay import (
     replay_outcomes,
     replay_to_bag,
 )
+from lisa_ros.replay import cli as replay_cli
 
 TS = get_typestore(Stores.ROS2_HUMBLE)
 NS = 1_000_000_000
@@ -492,9 +493,9 @@ def test_interrupt_midway_leaves_a_marked_partial_output(
 
     # Through the command line: exit status 130, the marker, and a rerun refused.
     out2 = tmp_path / "cli_out"
-    monkeypatch.setattr(replay, "load_model_from_args", lambda args: predictor.model)
+    monkeypatch.setattr(replay_cli, "load_model_from_args", lambda args: predictor.model)
     monkeypatch.setattr(
-        replay, "ModeSegmenter", lambda p, mode: InterruptAfter(FakeSegmenter(), 2)
+        replay_cli, "ModeSegmenter", lambda p, mode: InterruptAfter(FakeSegmenter(), 2)
     )
     rc = replay.main([str(bag), "--out", str(out2)])
     assert rc == 130 and "interrupted" in capsys.readouterr().err
