@@ -442,6 +442,41 @@ class LisaNodeConfig:
         )
 
 
+# ------------------------------------------------------------------------ command-line flags
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    names: Sequence[str],
+    defaults: Mapping[str, Value] | None = None,
+) -> None:
+    """One command-line option per setting in ``names`` (``--max-image-age``; bools as
+    ``--explain/--no-explain``), typed and described from the table; ``defaults`` overrides the
+    table's default of some (e.g. the replay's pre-encoding)."""
+    defaults = defaults or {}
+    for name in names:
+        s = setting(name)
+        flag = "--" + name.replace("_", "-")
+        value = defaults.get(name, s.default)
+        described = s.description + (f" ({s.unit})" if s.unit else "")
+        if s.type is bool:
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=value,
+                help=f"{described} (default: {'on' if value else 'off'})",
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=s.type,
+                default=value,
+                choices=s.choices,
+                metavar=None if s.choices else name.upper(),
+                help=f"{described} (default: {value!r})",
+            )
+
+
 # ---------------------------------------------------------------------------- rendered files
 
 #: The node key of the params file: matches lisa_node in any namespace.

@@ -17,13 +17,20 @@ from lisa_model.cli.common import (
     load_model_from_args,
     run_cli,
 )
+from lisa_ros import settings
 from lisa_ros.pipeline import ModeSegmenter, PipelineConfig
 from lisa_ros.replay.bags import STORAGES
-from lisa_ros.replay.run import ReplayOptions, check_inputs, replay_to_bag
+from lisa_ros.replay.run import (
+    REPLAY_DEFAULTS,
+    ReplayOptions,
+    check_inputs,
+    replay_config,
+    replay_to_bag,
+)
+from lisa_ros.settings import SettingError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = PipelineConfig()
     parser = argparse.ArgumentParser(
         prog="lisa-replay",
         description="Run LISA over a recorded ROS 2 bag (sqlite3 or MCAP) through the same "
@@ -45,33 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-bag-commands", action="store_true", help="ignore command topics in the bag"
     )
     group = parser.add_argument_group("pipeline (the node's parameters)")
-    group.add_argument("--explain", action="store_true", help="ask for an explanation too")
     add_mode_argument(group)
-    group.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    group.add_argument(
-        "--max-image-age",
-        type=float,
-        default=defaults.max_image_age,
-        help="seconds; older frames are never used (0: no limit)",
-    )
-    group.add_argument(
-        "--image-wait-timeout",
-        type=float,
-        default=defaults.image_wait_timeout,
-        help="seconds a command waits for a fresh frame",
-    )
-    group.add_argument("--queue-size", type=int, default=defaults.queue_size)
-    group.add_argument(
-        "--continuous", action="store_true", help="re-apply the last command to new frames"
-    )
-    group.add_argument("--max-rate-hz", type=float, default=defaults.max_rate_hz)
-    group.add_argument("--stop-command", default=defaults.stop_command)
-    group.add_argument("--max-command-chars", type=int, default=defaults.max_command_chars)
-    group.add_argument(
-        "--no-age-from-header",
-        action="store_true",
-        help="age frames from their bag time, not their header stamp",
-    )
+    settings.add_arguments(group, PipelineConfig.setting_names(), REPLAY_DEFAULTS)
     group.add_argument(
         "--realtime",
         action="store_true",
@@ -100,22 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.explain and args.mode == "segment":
         raise UserError("--explain needs --mode generate (the fast path produces no text)")
+    values = {name: getattr(args, name) for name in PipelineConfig.setting_names()}
     try:
-        config = PipelineConfig(
-            explain=args.explain,
-            max_new_tokens=args.max_new_tokens,
-            max_image_age=args.max_image_age,
-            image_wait_timeout=args.image_wait_timeout,
-            queue_size=args.queue_size,
-            continuous=args.continuous,
-            max_rate_hz=args.max_rate_hz,
-            overlay=not args.no_overlay or args.overlays is not None,
-            stop_command=args.stop_command,
-            max_command_chars=args.max_command_chars,
-            age_from_header=not args.no_age_from_header,
-        )
-    except ValueError as exc:
-        raise UserError(f"bad pipeline option: {exc}") from None
+        config = replay_config(overlay=not args.no_overlay or args.overlays is not None, **values)
+    except SettingError as exc:
+        flag = "--" + exc.name.replace("_", "-")
+        raise UserError(f"{flag}: {exc.reason}") from None
     options = ReplayOptions(
         in_bag=args.in_bag,
         out=args.out,

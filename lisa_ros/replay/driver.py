@@ -18,7 +18,7 @@ from rosbags.interfaces import Connection
 from rosbags.typesys.store import Typestore
 
 from lisa_ros.conversion import message_to_rgb, stamp_to_seconds
-from lisa_ros.pipeline import Event, Outcome, Pipeline, Segmenter
+from lisa_ros.pipeline import Encoded, Event, Outcome, Pipeline, Segmenter
 from lisa_ros.replay.bags import NS
 from lisa_ros.replay.commands import TimedCommand
 from lisa_ros.replay.input_bag import InputBag, TopicSelection
@@ -94,7 +94,8 @@ class ReplayDriver:
                 continue
             end = start + (int(round(elapsed * NS)) if self.realtime else 0)
             self._clock_ns = end
-            published.append(Published(end, outcome))
+            if not isinstance(outcome, Encoded):  # a pre-encoding publishes nothing
+                published.append(Published(end, outcome))
         return published
 
 

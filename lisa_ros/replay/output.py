@@ -21,7 +21,7 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
 from lisa_ros.conversion import mask_to_compressed_png, mask_to_image_fields, rgb_to_image_fields
-from lisa_ros.pipeline import Success
+from lisa_ros.pipeline import Success, success_text
 from lisa_ros.replay.bags import (
     COMPRESSED_TYPE,
     IMAGE_TYPE,
@@ -50,7 +50,7 @@ def _mask_png(ts: Typestore, header: Any, success: Success) -> Any:
 
 
 def _explanation(ts: Typestore, header: Any, success: Success) -> Any:
-    return ts.types[STRING_TYPE](data=success.explanation)
+    return ts.types[STRING_TYPE](data=success_text(success))
 
 
 def _overlay(ts: Typestore, header: Any, success: Success) -> Any:

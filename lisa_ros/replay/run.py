@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 FAILURES_LISTED = 20
 
 
+#: Where the replay's defaults differ from the node's: pre-encoding only changes which frame a
+#: command gets when inference takes time (``--realtime``), and costs an encoding per frame.
+REPLAY_DEFAULTS: dict[str, Any] = {"preencode": False}
+
+
+def replay_config(**values: Any) -> PipelineConfig:
+    """The pipeline config of a replay: the node's defaults but :data:`REPLAY_DEFAULTS`."""
+    return PipelineConfig(**{**REPLAY_DEFAULTS, **values})
+
+
 @dataclass(frozen=True)
 class ReplayOptions:
     """What ``lisa-replay`` does (one field per command-line option).
@@ -77,7 +87,7 @@ class ReplayOptions:
 
     in_bag: Path
     out: Path
-    config: PipelineConfig = field(default_factory=PipelineConfig)
+    config: PipelineConfig = field(default_factory=lambda: replay_config())
     image_topic: str | None = None
     command_topic: str | None = None
     bag_commands: bool = True
@@ -392,7 +402,9 @@ def replay_outcomes(
         commands, selection = _select_inputs(
             bag, commands_file, image_topic, command_topic, bag_commands
         )
-        driver = ReplayDriver(Pipeline(config), segmenter, realtime)
+        driver = ReplayDriver(
+            Pipeline(config if config is not None else replay_config()), segmenter, realtime
+        )
         return [
             item
             for item in iter_replay(bag, selection, driver, commands)

@@ -38,7 +38,6 @@ from lisa_ros.pipeline import (
     FailureKind,
     ModeSegmenter,
     Pipeline,
-    PipelineConfig,
     Success,
 )
 from lisa_ros.replay import (
@@ -52,6 +51,7 @@ from lisa_ros.replay import (
     replay_to_bag,
 )
 from lisa_ros.replay import cli as replay_cli
+from lisa_ros.replay.run import replay_config
 
 TS = get_typestore(Stores.ROS2_HUMBLE)
 NS = 1_000_000_000
@@ -195,7 +195,7 @@ def fake_masks(rgb: np.ndarray) -> np.ndarray:
 
 def drive(bag_path: Path, seg: FakeSegmenter, realtime: bool = False, **config: Any):
     with InputBag(bag_path) as bag:
-        driver = ReplayDriver(Pipeline(PipelineConfig(**config)), seg, realtime, seg.timer)
+        driver = ReplayDriver(Pipeline(replay_config(**config)), seg, realtime, seg.timer)
         items = list(iter_replay(bag, bag.select(), driver))
     return [i for i in items if isinstance(i, replay.Published)]
 
@@ -444,7 +444,7 @@ def test_undecodable_frames_are_skipped_and_counted(
     mixed = [bad[0], good[1], bad[2], good[3]]  # 0.2 s and 0.6 s decode
     cmds = commands((0.05, "a"), (0.25, "b"), (0.45, "c"))
     bag = write_bag(tmp_path / "in", "sqlite3", mixed + cmds)
-    config = PipelineConfig(max_image_age=0.2)
+    config = replay_config(max_image_age=0.2)
     summary = replay_to_bag(
         options(bag, tmp_path / "out", image_topic=CAMERA, config=config), segmenter
     )
@@ -517,7 +517,7 @@ def test_model_errors_fail_the_command_not_the_replay(tmp_path: Path) -> None:
     assert "/lisa/mask" not in topics
     # As the node does, the failure is answered on the explanation topic, at the command's time.
     [(t_ns, answer, _)] = topics["/lisa/explanation"]
-    assert answer.data == "failed: model error: RuntimeError: boom (command 'a')"
+    assert answer.data == "[1] failed: model error: RuntimeError: boom (command 'a')"
     assert t_ns == T0 + NS // 10
 
 
@@ -612,7 +612,12 @@ def test_demo_bag_cli_and_end_to_end_replay_cli(
     topics = read_bag(out)
     assert len(topics["/lisa/mask"]) == 2 and len(topics[IMAGE_TOPIC]) == 3
     answers = [m.data for _, m, _ in topics["/lisa/explanation"]]
-    assert len(answers) == 3 and answers[2].startswith("stopped:")  # the node says so too
+    # The node says so too: the stop command is answered, and so is each command it cancelled.
+    assert len(answers) == 5 and answers[2].startswith("[5] stopped:")
+    assert [a.split(" (command")[0] for a in answers[3:]] == [
+        "[3] failed: cancelled by the stop command 5",
+        "[4] failed: cancelled by the stop command 5",
+    ]
     assert (out / "out.bag.db3").is_file()
     assert sorted(p.name for p in overlays.iterdir()) == [
         "0001_0.300s.png",
