@@ -18,7 +18,8 @@ Pieces:
   ``height``, ``binning_x``/``binning_y``, ``roi``) and :class:`DepthFrame` (a depth image in
   metres with its stamp, frame and intrinsics);
 - :func:`target_depth`: a robust 3-D centre of a mask (:class:`TargetDepth`);
-  :func:`target_points`: the mask's 3-D points, decimated, for a point cloud;
+  :func:`target_points`: the mask's 3-D points, decimated, for a point cloud; both take
+  :class:`DepthOptions` (depth range, erosion);
 - :class:`DepthBuffer`: a thread-safe buffer of the newest depth frames that pairs a colour
   frame's stamp with the depth frame nearest in time, within a tolerance, and says why when none
   is (:class:`DepthLookup`).
@@ -239,15 +240,35 @@ class TargetDepth:
         return self.position is not None
 
 
-def _check_ranges(min_range: float, max_range: float, erode_px: int, min_pixels: int) -> None:
-    if not (0 <= min_range < max_range):
-        raise ValueError(
-            f"depth range must satisfy 0 <= min_range < max_range, got [{min_range}, {max_range}]"
-        )
-    if erode_px < 0:
-        raise ValueError(f"erode_px must be >= 0, got {erode_px}")
-    if min_pixels < 1:
-        raise ValueError(f"min_pixels must be >= 1, got {min_pixels}")
+@dataclass(frozen=True)
+class DepthOptions:
+    """Which depth pixels of a mask count (see :func:`target_depth`).
+
+    Attributes:
+        min_range, max_range: depths (metres) outside ``[min_range, max_range]`` are ignored,
+            as are NaN, infinite and non-positive ones (set them to the camera's working range:
+            stereo and ToF depth is noise beyond it).
+        erode_px: radius (pixels) of the disc the mask is eroded with first, since a mask's rim
+            often lies on the background; 0 disables it.
+        min_pixels: the eroded mask is used when it keeps at least this many valid pixels,
+            else the whole mask is (small or thin targets).
+    """
+
+    min_range: float = 0.1
+    max_range: float = 10.0
+    erode_px: int = 3
+    min_pixels: int = 20
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.min_range < self.max_range):
+            raise ValueError(
+                "depth range must satisfy 0 <= min_range < max_range, got "
+                f"[{self.min_range}, {self.max_range}]"
+            )
+        if self.erode_px < 0:
+            raise ValueError(f"erode_px must be >= 0, got {self.erode_px}")
+        if self.min_pixels < 1:
+            raise ValueError(f"min_pixels must be >= 1, got {self.min_pixels}")
 
 
 def _check_mask(mask: np.ndarray, frame: DepthFrame) -> np.ndarray:
@@ -266,28 +287,22 @@ def _check_mask(mask: np.ndarray, frame: DepthFrame) -> np.ndarray:
 
 
 def _target_pixels(
-    mask: np.ndarray,
-    frame: DepthFrame,
-    min_range: float,
-    max_range: float,
-    erode_px: int,
-    min_pixels: int,
+    mask: np.ndarray, frame: DepthFrame, options: DepthOptions
 ) -> tuple[np.ndarray, np.ndarray, bool, int]:
-    """Row and column indices of the mask pixels to use, whether eroded, mask pixel count.
-
-    Valid pixels have a finite depth in ``[min_range, max_range]`` (and > 0). With
-    ``erode_px > 0`` the mask is first eroded by a disc of that radius, since a mask's rim often
-    lies on the background; the eroded mask is used when it keeps at least ``min_pixels`` valid
-    pixels, else the whole mask is.
-    """
-    _check_ranges(min_range, max_range, erode_px, min_pixels)
+    """Row and column indices of the mask pixels to use, whether eroded, mask pixel count."""
     mask = _check_mask(mask, frame)
     depth = frame.depth_m
-    valid = np.isfinite(depth) & (depth > 0) & (depth >= min_range) & (depth <= max_range)
-    if erode_px > 0:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erode_px + 1,) * 2)
+    valid = (
+        np.isfinite(depth)
+        & (depth > 0)
+        & (depth >= options.min_range)
+        & (depth <= options.max_range)
+    )
+    if options.erode_px > 0:
+        size = 2 * options.erode_px + 1
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
         core = cv2.erode(mask.astype(np.uint8), kernel).astype(bool) & valid
-        if int(core.sum()) >= min_pixels:
+        if int(core.sum()) >= options.min_pixels:
             rows, cols = np.nonzero(core)
             return rows, cols, True, int(mask.sum())
     rows, cols = np.nonzero(mask & valid)
@@ -295,13 +310,7 @@ def _target_pixels(
 
 
 def target_depth(
-    mask: np.ndarray,
-    frame: DepthFrame,
-    *,
-    min_range: float = 0.1,
-    max_range: float = 10.0,
-    erode_px: int = 3,
-    min_pixels: int = 20,
+    mask: np.ndarray, frame: DepthFrame, options: DepthOptions | None = None
 ) -> TargetDepth:
     """A robust 3-D centre of the target a mask covers.
 
@@ -309,22 +318,18 @@ def target_depth(
         mask: ``(H, W)`` bool (or uint8, nonzero = target) in the colour image, the same size
             as ``frame.depth_m``.
         frame: the depth frame paired with the colour image.
-        min_range, max_range: depths (metres) outside ``[min_range, max_range]`` are ignored,
-            as are NaN, infinite and non-positive ones.
-        erode_px: radius (pixels) of the erosion applied to the mask first; 0 disables it.
-        min_pixels: the eroded mask is used when it keeps at least this many valid pixels.
+        options: which pixels count (range, erosion); defaults to ``DepthOptions()``.
 
     Returns:
         :class:`TargetDepth`; its position is the component-wise median of the deprojected
-        points (robust to the background pixels a mask edge picks up), in ``frame.frame_id``.
+        valid points (robust to the background pixels a mask edge picks up), in
+        ``frame.frame_id``.
 
     Raises:
         DepthSizeMismatch: the mask and the depth image differ in size.
-        ValueError: a bad mask or bad range/erosion arguments.
+        ValueError: a mask that is not ``(H, W)`` bool/uint8.
     """
-    rows, cols, eroded, mask_pixels = _target_pixels(
-        mask, frame, min_range, max_range, erode_px, min_pixels
-    )
+    rows, cols, eroded, mask_pixels = _target_pixels(mask, frame, options or DepthOptions())
     if rows.size == 0:
         return TargetDepth(None, 0, mask_pixels, math.nan, math.nan, eroded)
     z = frame.depth_m[rows, cols]
@@ -344,16 +349,12 @@ def target_points(
     mask: np.ndarray,
     frame: DepthFrame,
     max_points: int = 5000,
-    *,
-    min_range: float = 0.1,
-    max_range: float = 10.0,
-    erode_px: int = 3,
-    min_pixels: int = 20,
+    options: DepthOptions | None = None,
 ) -> np.ndarray:
     """The target's 3-D points, for a ``PointCloud2`` (see ``points_to_cloud_fields``).
 
-    The pixels are chosen as in :func:`target_depth` (same arguments). When there are more than
-    ``max_points``, evenly spaced ones in row-major order are kept (deterministic).
+    The pixels are chosen as in :func:`target_depth`. When there are more than ``max_points``,
+    evenly spaced ones in row-major order are kept (deterministic).
 
     Returns:
         ``(N, 3)`` float32 x, y, z metres in ``frame.frame_id``, ``N <= max_points``, rows in
@@ -361,7 +362,7 @@ def target_points(
     """
     if max_points < 1:
         raise ValueError(f"max_points must be >= 1, got {max_points}")
-    rows, cols, _, _ = _target_pixels(mask, frame, min_range, max_range, erode_px, min_pixels)
+    rows, cols, _, _ = _target_pixels(mask, frame, options or DepthOptions())
     if rows.size > max_points:
         keep = np.round(np.linspace(0, rows.size - 1, max_points)).astype(np.intp)
         rows, cols = rows[keep], cols[keep]

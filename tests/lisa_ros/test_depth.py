@@ -22,6 +22,7 @@ from lisa_ros.depth import (
     DepthBuffer,
     DepthFrame,
     DepthMiss,
+    DepthOptions,
     DepthSizeMismatch,
     target_depth,
     target_points,
@@ -172,7 +173,7 @@ def test_invalid_and_out_of_range_pixels_are_ignored() -> None:
     depth[TOP:BOTTOM, LEFT + 40 : LEFT + 50] = np.inf
     for encoding in ("16UC1", "32FC1"):
         frame = frame_of(through_message(depth, encoding))
-        result = target_depth(box_mask(), frame, min_range=0.2, max_range=4.0, erode_px=0)
+        result = target_depth(box_mask(), frame, DepthOptions(0.2, 4.0, erode_px=0))
         ex, ey, ez = deprojected_centre(TOP, BOTTOM, LEFT + 50, RIGHT, 1.5)
         assert result.position == pytest.approx((ex, ey, ez), abs=1e-4)
         assert result.valid_pixels == 80 * 70 and not result.eroded
@@ -189,14 +190,14 @@ def test_mask_on_a_depth_edge_gives_the_object_depth() -> None:
     naive = float(np.mean(frame.depth_m[mask]))
     assert naive - 0.8 > 0.05  # a plain average would be several centimetres off
 
-    result = target_depth(mask, frame, erode_px=4)
+    result = target_depth(mask, frame, DepthOptions(erode_px=4))
     assert result.eroded and result.found
     assert result.position == pytest.approx(
         deprojected_centre(TOP, BOTTOM, LEFT, RIGHT, 0.8), abs=0.01
     )
     assert result.depth_max == pytest.approx(0.8)  # the rim was eroded away
     # Without erosion the median still holds while less than half of the mask is background.
-    unrobust = target_depth(mask, frame, erode_px=0)
+    unrobust = target_depth(mask, frame, DepthOptions(erode_px=0))
     assert not unrobust.eroded and abs(unrobust.position[2] - 0.8) < 0.01
     assert unrobust.depth_max == pytest.approx(1.5)
 
@@ -204,7 +205,7 @@ def test_mask_on_a_depth_edge_gives_the_object_depth() -> None:
 def test_small_mask_falls_back_to_the_whole_mask() -> None:
     frame = frame_of(plane(2.0))
     mask = box_mask(100, 104, 100, 104)  # 16 pixels: a 3-pixel erosion leaves none
-    result = target_depth(mask, frame, erode_px=3, min_pixels=5)
+    result = target_depth(mask, frame, DepthOptions(erode_px=3, min_pixels=5))
     assert not result.eroded and result.valid_pixels == 16
     assert result.position == pytest.approx(deprojected_centre(100, 104, 100, 104, 2.0), abs=1e-6)
 
@@ -217,7 +218,7 @@ def test_no_valid_pixel_gives_no_position() -> None:
         assert result.position is None and not result.found
         assert result.valid_pixels == 0
         assert math.isnan(result.depth_min) and math.isnan(result.depth_max)
-    far = target_depth(box_mask(), frame_of(plane(1.5)), max_range=1.0)
+    far = target_depth(box_mask(), frame_of(plane(1.5)), DepthOptions(max_range=1.0))
     assert far.position is None and far.mask_pixels == 80 * 120
 
 
@@ -234,9 +235,11 @@ def test_size_mismatch_is_a_typed_error() -> None:
 def test_bad_arguments_are_refused() -> None:
     frame = frame_of(plane(1.5))
     with pytest.raises(ValueError, match="min_range < max_range"):
-        target_depth(box_mask(), frame, min_range=2.0, max_range=1.0)
+        DepthOptions(min_range=2.0, max_range=1.0)
     with pytest.raises(ValueError, match="erode_px"):
-        target_depth(box_mask(), frame, erode_px=-1)
+        DepthOptions(erode_px=-1)
+    with pytest.raises(ValueError, match="min_pixels"):
+        DepthOptions(min_pixels=0)
     with pytest.raises(ValueError, match="mask"):
         target_depth(box_mask().astype(np.float32), frame)
     with pytest.raises(ValueError, match="max_points"):
@@ -253,7 +256,7 @@ def test_bad_arguments_are_refused() -> None:
 def test_target_points_are_decimated_within_bounds() -> None:
     frame = frame_of(plane(1.5))
     mask = box_mask()
-    everything = target_points(mask, frame, max_points=10**6, erode_px=0)
+    everything = target_points(mask, frame, 10**6, DepthOptions(erode_px=0))
     assert everything.shape == (80 * 120, 3) and everything.dtype == np.float32
     np.testing.assert_allclose(everything[:, 2], 1.5)
     u = everything[:, 0] * FX / 1.5 + CX
@@ -265,12 +268,12 @@ def test_target_points_are_decimated_within_bounds() -> None:
         BOTTOM - 1, abs=1e-3
     )
     for max_points in (1, 7, 500, 80 * 120 - 1):
-        points = target_points(mask, frame, max_points=max_points, erode_px=0)
+        points = target_points(mask, frame, max_points, DepthOptions(erode_px=0))
         assert points.shape == (max_points, 3)
         assert len(np.unique(points, axis=0)) == max_points  # no pixel twice
         rows = {tuple(p) for p in everything.tolist()}
         assert all(tuple(p) in rows for p in points.tolist())  # only target pixels
-    spread = target_points(mask, frame, max_points=500, erode_px=0)
+    spread = target_points(mask, frame, 500, DepthOptions(erode_px=0))
     v = spread[:, 1] * FY / 1.5 + CY
     assert v.min() < TOP + 1 and v.max() > BOTTOM - 2  # spans the target, not just its top
     empty = target_points(mask, frame_of(plane(np.nan)))
