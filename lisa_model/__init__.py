@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "Conversation",
     "LisaModel",
     "LisaPredictor",
     "SegmentationResult",
@@ -18,6 +19,7 @@ __all__ = [
 ]
 
 _EXPORTS = {
+    "Conversation": "lisa_model.conversation",
     "LisaModel": "lisa_model.modeling",
     "LisaPredictor": "lisa_model.predictor",
     "SegmentationResult": "lisa_model.types",

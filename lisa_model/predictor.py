@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,9 @@ from lisa_model.processing import postprocess_masks, prepare_image
 from lisa_model.prompts import (
     IM_END_TOKEN,
     IMAGE_TOKEN,
+    SEGMENT_ONLY_ANSWER,
     build_chat_prompt,
+    check_history,
     format_query,
 )
 from lisa_model.types import SegmentationResult
@@ -125,6 +128,7 @@ class LisaPredictor:
         max_new_tokens: int = 64,
         mode: str = "generate",
         raw_prompt: bool = False,
+        history: Sequence[tuple[str, str]] = (),
     ) -> SegmentationResult:
         """Answer ``query`` about the current frame.
 
@@ -135,6 +139,13 @@ class LisaPredictor:
             max_new_tokens: decoding budget (generation only).
             mode: ``"generate"`` or ``"segment"`` (fast path, exactly one mask, no text).
             raw_prompt: use ``query`` verbatim as the user turn (what ``chat.py`` does).
+            history: earlier rounds on this frame, ``(user text, answer)`` oldest first, as
+                earlier results' ``turn`` give them (``lisa_model.conversation.Conversation``
+                keeps them). They go into the prompt after the cached image prefix, in the
+                trained multi-round format (:func:`lisa_model.prompts.build_chat_prompt`); the
+                oldest are dropped when the prompt would not fit the model's positions
+                (``result.history_used`` says how many were kept). ``[SEG]`` in earlier answers
+                stays as text: only this turn's ``[SEG]`` tokens give masks.
 
         Returns:
             :class:`~lisa_model.types.SegmentationResult` with masks in the frame of the image
@@ -148,7 +159,7 @@ class LisaPredictor:
         if explain and mode == "segment":
             raise ValueError("explain=True needs mode='generate' (the fast path produces no text)")
         user_text = query.strip() if raw_prompt else format_query(query, explain)
-        prompt_ids = self.prompt_ids(user_text)
+        prompt_ids, history = self._fit_history(user_text, history, max_new_tokens)
         budget = self.model.config.max_position_embeddings
         needed = len(prompt_ids) + self.model.num_image_tokens + max_new_tokens
         if needed > budget:
@@ -182,12 +193,16 @@ class LisaPredictor:
         t2 = self._now()
         timings.update(llm=t1 - t0, masks=t2 - t1)
         logits_np = logits.cpu().numpy()
+        text = self.readable_text(tokens)
+        answer = SEGMENT_ONLY_ANSWER if mode == "segment" else text
         return SegmentationResult(
             masks=logits_np > 0,
             logits=logits_np,
-            text=self.readable_text(tokens),
+            text=text,
             token_ids=tokens,
             timings=timings,
+            turn=(user_text, answer) if answer and IMAGE_TOKEN not in answer else None,
+            history_used=len(history),
         )
 
     def segment(self, query: str, raw_prompt: bool = False) -> SegmentationResult:
@@ -195,12 +210,35 @@ class LisaPredictor:
         return self.predict(query, mode="segment", raw_prompt=raw_prompt)
 
     # ------------------------------------------------------------------ helpers
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """Token ids of the chat prompt for ``user_text`` (image placeholder included)."""
+    def prompt_ids(self, user_text: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Token ids of the chat prompt for ``user_text`` after ``history`` (image included)."""
         prompt = build_chat_prompt(
-            user_text, self.template, use_im_start_end=self.model.config.use_im_start_end
+            user_text,
+            self.template,
+            use_im_start_end=self.model.config.use_im_start_end,
+            history=history,
         )
         return self.model.tokenizer.tokenizer_image_token(prompt)
+
+    def _fit_history(
+        self, user_text: str, history: Sequence[tuple[str, str]], max_new_tokens: int
+    ) -> tuple[list[int], tuple[tuple[str, str], ...]]:
+        """Prompt ids with the newest earlier rounds whose prompt fits the model's positions.
+
+        Returns the ids and the rounds kept; with none kept the ids are the plain prompt's (and
+        whether that fits is for the caller to check).
+        """
+        rounds = check_history(history)
+        room = (
+            self.model.config.max_position_embeddings
+            - self.model.num_image_tokens
+            - max_new_tokens
+        )
+        while True:
+            ids = self.prompt_ids(user_text, rounds)
+            if not rounds or len(ids) <= room:
+                return ids, rounds
+            rounds = rounds[1:]  # drop the oldest round
 
     def readable_text(self, token_ids: list[int]) -> str:
         """The answer as text: EOS dropped, ``[SEG]`` kept, no space before punctuation."""

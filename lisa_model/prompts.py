@@ -7,6 +7,7 @@ on them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IMAGE_TOKEN = "<image>"
@@ -146,29 +147,62 @@ def expand_image_token(text: str, use_im_start_end: bool = True) -> str:
     return text.replace(IMAGE_TOKEN, IM_START_TOKEN + IMAGE_TOKEN + IM_END_TOKEN)
 
 
+def check_history(history: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Validate earlier rounds ``[(user_text, answer), ...]``; return them as a tuple of pairs.
+
+    Raises:
+        ValueError: a round that is not a pair of strings, an empty question or answer, or text
+            holding the image placeholder (the image is only ever in the first user turn).
+    """
+    rounds = []
+    for i, item in enumerate(history):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"history round {i} must be a (user text, answer) pair, got {item!r}")
+        question, answer = item
+        for name, text in (("user text", question), ("answer", answer)):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"history round {i}: the {name} must be a non-empty string")
+            if IMAGE_TOKEN in text:
+                raise ValueError(f"history round {i}: the {name} must not contain {IMAGE_TOKEN}")
+        rounds.append((question, answer))
+    return tuple(rounds)
+
+
 def build_chat_prompt(
     user_text: str,
     template: str = "llava_v1",
     answer: str | None = None,
     use_im_start_end: bool = True,
+    history: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The prompt the original ``chat.py`` builds for one question about one image.
+    """The prompt the original ``chat.py`` builds for a question about one image.
 
-    ``user_text`` is what the user typed (no ``<image>``); the image placeholder is prepended.
-    With ``answer=None`` the assistant turn is left open (generation); with an answer the string
-    is the teacher-forced conversation (the original appends ``</s>`` to a finished llava_v1 turn).
+    ``user_text`` is what the user typed (no ``<image>``); the image placeholder is prepended to
+    the first user turn. With ``answer=None`` the assistant turn is left open (generation); with
+    an answer the string is the teacher-forced conversation (the original appends ``</s>`` to a
+    finished llava_v1 turn).
+
+    ``history`` holds earlier rounds on the same image, ``(user_text, answer)`` oldest first
+    (see :func:`check_history`). They come first, in the multi-round layout the checkpoints
+    were trained with (LLaVA's instruction data): the image in the first user turn only, each
+    earlier answer closed by the template's round separator (``</s>``), e.g. for llava_v1
+    ``"{system} USER: <im_start><image><im_end>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"``.
     """
-    conv = get_template(template)
-    question = expand_image_token(IMAGE_TOKEN + "\n" + user_text, use_im_start_end)
-    return conv.render([(conv.roles[0], question), (conv.roles[1], answer)])
+    rounds: list[tuple[str, str | None]] = [*check_history(history), (user_text, answer)]
+    first, first_answer = rounds[0]
+    rounds[0] = (IMAGE_TOKEN + "\n" + first, first_answer)
+    return render_conversation(rounds, template, use_im_start_end)
 
 
 def render_conversation(
-    rounds: list[tuple[str, str]], template: str = "llava_v1", use_im_start_end: bool = True
+    rounds: Sequence[tuple[str, str | None]],
+    template: str = "llava_v1",
+    use_im_start_end: bool = True,
 ) -> str:
-    """A finished multi-round conversation ``[(question, answer), ...]`` as training sees it.
+    """A multi-round conversation ``[(question, answer), ...]`` as training sees it.
 
     Questions already carry their ``<image>`` placeholder (the dataset templates put it first).
+    A ``None`` answer (last round only) leaves the assistant turn open for generation.
     """
     conv = get_template(template)
     messages: list[tuple[str, str | None]] = []

@@ -20,6 +20,13 @@ class SegmentationResult:
         found: ``N > 0``.
         token_ids: generated token ids (empty for the segment-only path).
         timings: seconds per stage of this call (``"llm"``, ``"mask_decoder"``, ...).
+        turn: this query and answer as a later ``predict(..., history=...)`` takes them:
+            ``(user text as put in the prompt, answer)``. The answer is ``text`` when
+            generating, the fixed teacher-forced answer ``"[SEG]."`` on the segment-only path;
+            None when there is nothing to remember (an empty generated answer, or one holding
+            the image placeholder, which a prompt cannot repeat).
+        history_used: how many of the earlier rounds given as ``history`` were in the prompt
+            (the oldest are dropped when the prompt would not fit the model's positions).
     """
 
     masks: np.ndarray
@@ -27,6 +34,8 @@ class SegmentationResult:
     text: str
     token_ids: list[int] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    turn: tuple[str, str] | None = None
+    history_used: int = 0
 
     @property
     def found(self) -> bool:

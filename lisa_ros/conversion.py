@@ -137,6 +137,29 @@ def _scale16to8(image: np.ndarray) -> np.ndarray:
     return ((image.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def _checked_rows(msg: Any, encoding: str, channels: int, depth: int) -> np.ndarray:
+    """Check an Image message's size fields; return its ``(H, W * channels * depth)`` uint8 rows.
+
+    The rows are a view on the message data with any ``step`` padding cut off.
+    """
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height <= 0 or width <= 0:
+        raise ImageConversionError(f"{encoding} image is empty: height={height}, width={width}")
+    row_bytes = width * channels * depth
+    if step < row_bytes:
+        raise ImageConversionError(
+            f"{encoding} image step {step} is smaller than width * channels * bytes = "
+            f"{width} * {channels} * {depth} = {row_bytes}"
+        )
+    data = _data_bytes(msg.data)
+    if data.size < height * step:
+        raise ImageConversionError(
+            f"{encoding} image data has {data.size} bytes, fewer than height * step = "
+            f"{height} * {step} = {height * step}"
+        )
+    return data[: height * step].reshape(height, step)[:, :row_bytes]
+
+
 def _validated(msg: Any) -> tuple[_Encoding, np.ndarray]:
     """Check an Image message's fields; return its encoding and the ``(H, W, C)`` pixels.
 
@@ -148,24 +171,10 @@ def _validated(msg: Any) -> tuple[_Encoding, np.ndarray]:
         raise ImageConversionError(
             f"unsupported image encoding {encoding!r}; supported: {', '.join(_ENCODINGS)}"
         )
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    if height <= 0 or width <= 0:
-        raise ImageConversionError(f"{encoding} image is empty: height={height}, width={width}")
-    row_bytes = width * info.channels * info.depth
-    if step < row_bytes:
-        raise ImageConversionError(
-            f"{encoding} image step {step} is smaller than width * channels * bytes = "
-            f"{width} * {info.channels} * {info.depth} = {row_bytes}"
-        )
+    rows = _checked_rows(msg, encoding, info.channels, info.depth)
+    height, width = rows.shape[0], int(msg.width)
     if info.channels == 2 and width % 2:
         raise ImageConversionError(f"{encoding} image width must be even, got {width}")
-    data = _data_bytes(msg.data)
-    if data.size < height * step:
-        raise ImageConversionError(
-            f"{encoding} image data has {data.size} bytes, fewer than height * step = "
-            f"{height} * {step} = {height * step}"
-        )
-    rows = data[: height * step].reshape(height, step)[:, :row_bytes]
     if info.depth == 1:
         return info, rows.reshape(height, width, info.channels)
     big = bool(msg.is_bigendian)
@@ -325,3 +334,185 @@ def mask_to_compressed_png(mask: np.ndarray) -> tuple[str, bytes]:
     if not ok:  # pragma: no cover - OpenCV fails here only when out of memory
         raise RuntimeError("cv2.imencode failed to write a PNG mask")
     return MASK_PNG_FORMAT, buf.tobytes()
+
+
+# ----------------------------------------------------------------------------- depth images
+
+#: Depth encodings ``image_to_depth`` accepts -> (numpy little-endian dtype, units per metre).
+#: ``16UC1``/``mono16`` hold millimetres (REP 118; RealSense, ZED and OAK drivers publish
+#: ``16UC1``), ``32FC1`` holds metres.
+_DEPTH_ENCODINGS: dict[str, tuple[str, int]] = {
+    "16UC1": ("<u2", 1000),
+    "mono16": ("<u2", 1000),
+    "32FC1": ("<f4", 1),
+}
+
+#: Encodings ``image_to_depth`` accepts.
+DEPTH_ENCODINGS: tuple[str, ...] = tuple(_DEPTH_ENCODINGS)
+
+
+def image_to_depth(msg: Any) -> np.ndarray:
+    """Decode a depth ``sensor_msgs/Image`` into metres.
+
+    Rows are ``step`` bytes apart (padding ignored) and ``is_bigendian`` is honoured, as in
+    ``image_to_rgb``. Pixels without a measurement read as NaN: 0 in ``16UC1``/``mono16``
+    (REP 118's "no return"), and 0, negative, NaN or infinite values in ``32FC1``.
+
+    Args:
+        msg: an Image message (rclpy or rosbags) in one of ``DEPTH_ENCODINGS``.
+
+    Returns:
+        ``(H, W)`` float32 depth in metres along the camera's optical axis (z), a new array.
+
+    Raises:
+        ImageConversionError: an encoding that is not a depth encoding (named in the message),
+            an empty image, ``step`` too small for the width, data shorter than ``height * step``.
+    """
+    encoding = str(msg.encoding)
+    if encoding not in _DEPTH_ENCODINGS:
+        raise ImageConversionError(
+            f"image encoding {encoding!r} is not a depth encoding; expected one of "
+            f"{', '.join(DEPTH_ENCODINGS)} (millimetres as 16-bit integers, or float metres)"
+        )
+    dtype, units_per_metre = _DEPTH_ENCODINGS[encoding]
+    item = np.dtype(dtype)
+    rows = _checked_rows(msg, encoding, 1, item.itemsize)
+    if msg.is_bigendian:
+        item = item.newbyteorder(">")
+    values = np.ascontiguousarray(rows).view(item).reshape(rows.shape[0], int(msg.width))
+    if units_per_metre == 1:
+        depth = values.astype(np.float32)  # a new native-order array
+    else:  # millimetres: divide in float64 so that every value is the nearest float32
+        depth = (values / units_per_metre).astype(np.float32)
+    depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
+    return depth
+
+
+def depth_to_image_fields(
+    depth_m: np.ndarray, encoding: str = "16UC1", big_endian: bool = False
+) -> ImageFields:
+    """Pack a depth image into ``sensor_msgs/Image`` fields (the inverse of ``image_to_depth``).
+
+    Args:
+        depth_m: ``(H, W)`` float depth in metres; NaN, infinite and non-positive values are
+            "no measurement".
+        encoding: ``"16UC1"``/``"mono16"`` (rounded to whole millimetres; no measurement and
+            depths beyond 65.535 m -> 0) or ``"32FC1"`` (metres; no measurement -> NaN).
+        big_endian: store the values big-endian (``is_bigendian = 1``).
+
+    Returns:
+        ``ImageFields`` with packed rows (``step = W * bytes per value``).
+    """
+    depth_m = np.asarray(depth_m)
+    if depth_m.ndim != 2 or depth_m.dtype.kind != "f":
+        raise ValueError(
+            f"depth_m must be (H, W) float metres, got {depth_m.shape} {depth_m.dtype}"
+        )
+    if encoding not in _DEPTH_ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(DEPTH_ENCODINGS)}, got {encoding!r}")
+    dtype, units_per_metre = _DEPTH_ENCODINGS[encoding]
+    item = np.dtype(dtype).newbyteorder(">" if big_endian else "<")
+    valid = np.isfinite(depth_m) & (depth_m > 0)
+    if item.kind == "u":
+        units = np.where(valid, np.round(depth_m.astype(np.float64) * units_per_metre), 0)
+        values = np.where(units <= np.iinfo(item).max, units, 0).astype(item)
+    else:
+        values = np.where(valid, depth_m, np.nan).astype(item)
+    h, w = depth_m.shape
+    return ImageFields(h, w, encoding, int(big_endian), w * item.itemsize, values.tobytes())
+
+
+# ----------------------------------------------------------------------------- point clouds
+
+#: ``sensor_msgs/PointField.FLOAT32``.
+POINT_FIELD_FLOAT32 = 7
+
+
+@dataclass(frozen=True)
+class PointFieldSpec:
+    """Field values of one ``sensor_msgs/PointField``."""
+
+    name: str
+    offset: int
+    datatype: int
+    count: int
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a ``PointField`` constructor."""
+        return {
+            "name": self.name,
+            "offset": self.offset,
+            "datatype": self.datatype,
+            "count": self.count,
+        }
+
+
+@dataclass(frozen=True)
+class CloudFields:
+    """Field values of an unorganised ``sensor_msgs/PointCloud2`` (everything but the header).
+
+    ``fields`` are ``PointFieldSpec``s: build ``PointField(**spec.as_kwargs())`` for each.
+    """
+
+    height: int
+    width: int
+    fields: tuple[PointFieldSpec, ...]
+    is_bigendian: bool
+    point_step: int
+    row_step: int
+    data: bytes
+    is_dense: bool
+
+    def as_kwargs(self, point_field: Any, numpy_data: bool = False) -> dict[str, Any]:
+        """Keyword arguments for a ``PointCloud2`` constructor.
+
+        Args:
+            point_field: the ``PointField`` message class to build ``fields`` with.
+            numpy_data: ``data`` as a uint8 ndarray (rosbags) instead of bytes (rclpy).
+        """
+        data: Any = np.frombuffer(self.data, dtype=np.uint8) if numpy_data else self.data
+        return {
+            "height": self.height,
+            "width": self.width,
+            "fields": [point_field(**spec.as_kwargs()) for spec in self.fields],
+            "is_bigendian": self.is_bigendian,
+            "point_step": self.point_step,
+            "row_step": self.row_step,
+            "data": data,
+            "is_dense": self.is_dense,
+        }
+
+
+#: The ``x``, ``y``, ``z`` FLOAT32 layout ``points_to_cloud_fields`` writes.
+XYZ_FIELDS: tuple[PointFieldSpec, ...] = tuple(
+    PointFieldSpec(name, 4 * i, POINT_FIELD_FLOAT32, 1) for i, name in enumerate("xyz")
+)
+
+
+def points_to_cloud_fields(points: np.ndarray) -> CloudFields:
+    """Pack 3-D points into ``sensor_msgs/PointCloud2`` fields (no ROS helpers needed).
+
+    Args:
+        points: ``(N, 3)`` float x, y, z in metres, in the frame the message's header will name
+            (for targets: the depth image's optical frame). ``N`` may be 0.
+
+    Returns:
+        ``CloudFields``: one row (``height = 1``, ``width = N``), fields ``x``, ``y``, ``z``
+        FLOAT32 at offsets 0, 4, 8, ``point_step = 12``, ``row_step = 12 * N``, little-endian
+        data, ``is_dense`` True when every value is finite.
+    """
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 3 or points.dtype.kind not in "fiu":
+        raise ValueError(f"points must be (N, 3) float, got {points.shape} {points.dtype}")
+    values = np.ascontiguousarray(points, dtype="<f4")
+    n = values.shape[0]
+    return CloudFields(
+        height=1,
+        width=n,
+        fields=XYZ_FIELDS,
+        is_bigendian=False,
+        point_step=12,
+        row_step=12 * n,
+        data=values.tobytes(),
+        is_dense=bool(np.isfinite(values).all()),
+    )
