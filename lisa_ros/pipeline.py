@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from lisa_model import visualize
+from lisa_model.conversation import Conversation
 from lisa_ros import settings
 from lisa_ros.pipeline_types import (
     Command,
@@ -176,15 +177,6 @@ class Encoded:
     error: BaseException | None = None
 
 
-@dataclass(frozen=True)
-class _Conversation:
-    """The questions and answers on one frame that a follow-up continues."""
-
-    frame: Frame
-    turns: tuple[tuple[str, str], ...]
-    updated: float
-
-
 def normalize_command(text: str, max_chars: int) -> tuple[str, str | None]:
     """Validate a command: ``(normalised text, None)`` or ``(text, reason it is rejected)``.
 
@@ -268,7 +260,10 @@ class Pipeline:
         self._standing: Command | None = None
         self._standing_frame_seq = 0  # newest frame the standing command has run on
         self._standing_next = -math.inf  # earliest time of its next run
-        self._conversation: _Conversation | None = None
+        # The conversation a follow-up continues: its rounds, its frame, its last answer's time.
+        self._conversation = Conversation()
+        self._conversation_frame: Frame | None = None
+        self._conversation_updated = -math.inf
         # The frame the segmenter holds encoded, and who holds it (written by the worker).
         self._image_owner: Callable[[], Any] | None = None
         self._encoded: Frame | None = None
@@ -407,7 +402,7 @@ class Pipeline:
             self._promised.clear()
             self._standing = None
             self._latest_command_id = None
-            self._conversation = None
+            self._end_conversation()
             self._image_owner = None
             self._encoded = None
             self._wake_locked()
@@ -641,9 +636,13 @@ class Pipeline:
         self, command: Command, frame: Frame | None, now: float
     ) -> tuple[Frame | None, tuple[tuple[str, str], ...]]:
         """The frame the waiting ``command`` runs on now (None: none yet) and its history."""
-        conversation = self._live_conversation(command, now)
-        if conversation is not None:
-            return conversation.frame, conversation.turns
+        follow_up = command.options.follow_up
+        if self.config.follow_up if follow_up is None else follow_up:
+            frame_of = self._conversation_frame
+            if frame_of is not None and now - self._conversation_updated <= (
+                self.config.follow_up_timeout
+            ):
+                return frame_of, self._conversation.history_for(frame_of.seq)
         promised = self._promised.get(command.id)
         if promised is not None and promised is self._encoded:
             return promised, ()  # it was fresh when the command came during its encoding
@@ -673,15 +672,6 @@ class Pipeline:
             and self._is_fresh(frame, now)
             and (ignore_rate or now >= self._next_preencode)
         )
-
-    def _live_conversation(self, command: Command, now: float) -> _Conversation | None:
-        follow_up = command.options.follow_up
-        if not (self.config.follow_up if follow_up is None else follow_up):
-            return None
-        conversation = self._conversation
-        if conversation is None or now - conversation.updated > self.config.follow_up_timeout:
-            return None
-        return conversation
 
     def _holds(self, segmenter: Segmenter, frame: Frame) -> bool:
         holder = self._image_owner() if self._image_owner is not None else None
@@ -733,11 +723,12 @@ class Pipeline:
             self._stats.standing_runs += int(outcome.standing)
             self._stats.inference_seconds += outcome.inference_seconds
             command = outcome.command
-            if not outcome.standing:
-                turn = (command.text, outcome.explanation)
-                self._conversation = _Conversation(
-                    outcome.frame, (*job.history, turn), job.started + outcome.inference_seconds
-                )
+            if not outcome.standing:  # a new conversation, or the next round of this one
+                if not job.history:
+                    self._conversation.reset(outcome.frame.seq)
+                self._conversation.record(outcome.result, outcome.frame.seq)
+                self._conversation_frame = outcome.frame
+                self._conversation_updated = job.started + outcome.inference_seconds
             if (
                 self.config.continuous
                 and not outcome.standing
@@ -755,7 +746,7 @@ class Pipeline:
         self._stats.commands_cancelled += len(cancelled)
         standing, self._standing = self._standing, None
         self._latest_command_id = None
-        self._conversation = None
+        self._end_conversation()
         what = f"standing command {standing.text!r}" if standing else "no standing command"
         events = [
             Event(
@@ -769,6 +760,10 @@ class Pipeline:
             failure = Failure(waiting, FailureKind.CANCELLED, reason)
             events.append(Event(EventKind.COMMAND_CANCELLED, reason, waiting, failure))
         return events
+
+    def _end_conversation(self) -> None:
+        self._conversation.reset()
+        self._conversation_frame, self._conversation_updated = None, -math.inf
 
     def _wake_locked(self) -> None:
         self._woken = True

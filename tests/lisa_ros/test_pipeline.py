@@ -86,7 +86,8 @@ class FakeSegmenter:
         h, w = self.mask_hw or self.images[-1].shape[:2]
         masks = np.zeros((1, h, w), dtype=bool)
         masks[0, : h // 2, : w // 2] = True
-        return SegmentationResult(masks, np.where(masks, 1.0, -1.0).astype(np.float32), "[SEG]")
+        logits = np.where(masks, 1.0, -1.0).astype(np.float32)
+        return SegmentationResult(masks, logits, "[SEG]", turn=(query, "[SEG]"))
 
 
 def rgb(value: int = 0) -> np.ndarray:
