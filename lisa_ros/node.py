@@ -1,33 +1,43 @@
 """``lisa_node``: LISA reasoning segmentation as a ROS 2 lifecycle node.
 
-Topics (relative names, remap them in launch):
+Inputs (relative names, remap them in launch):
 
-- subscribes ``image`` (``sensor_msgs/Image``, any encoding ``lisa_ros.conversion`` reads) or, with
+- ``image`` (``sensor_msgs/Image``, any encoding ``lisa_ros.conversion`` reads) or, with
   ``image_transport: compressed``, ``<image>/compressed`` (``sensor_msgs/CompressedImage``, JPEG or
   PNG), sensor-data QoS (keep last 5, volatile), reliability from ``image_reliability``;
-- subscribes ``command`` (``std_msgs/String``), reliable, depth ``queue_size``;
-- publishes ``mask`` (``sensor_msgs/Image`` mono8, 255 = target, the source frame's header and
-  size), optionally ``<mask>/compressed`` (lossless PNG), ``explanation`` (``std_msgs/String``: the
-  answer, or ``"failed: <reason>"``) and ``overlay`` (``sensor_msgs/Image`` rgb8, for rqt/rviz).
+- ``command`` (``std_msgs/String``), reliable, depth ``queue_size`` + 10;
+- the ``segment`` action (``lisa_msgs/action/Segment``): a command with per-goal options, its
+  stage as feedback, its ``Segmentation`` as the result (:mod:`lisa_ros.actions`);
+- with ``depth: true``, ``depth`` (``sensor_msgs/Image`` 16UC1 mm or 32FC1 m, aligned to the
+  colour image) and ``camera_info`` (``sensor_msgs/CameraInfo``), paired with the colour frame by
+  stamp within ``depth_tolerance``.
 
-Threads: subscription callbacks (executor thread) only decode the message and push it into the
+Outputs: see :mod:`lisa_ros.node_outputs` (``segmentation``, the typed result of every command,
+answered or failed; ``explanation``; ``mask``; ``overlay``; ``target_point``; ``target_cloud``).
+Every command (topic or action) gets the next ``command_id`` (1, 2, ... for the life of the
+process), which its result, its explanation (``[id] ...``) and its log lines carry.
+
+Threads: subscription and action callbacks (executor thread) only decode and push into the
 ROS-free :class:`~lisa_ros.pipeline.Pipeline` (one frame slot, bounded command queue). One worker
 thread, started on configure and stopped on cleanup, owns the model: it sleeps on the pipeline's
-condition until there is work, runs ``pipeline.step`` and publishes the outcome. So a 30 Hz camera
-never builds a backlog and callbacks return at once even while inference takes seconds.
+condition until there is work, runs ``pipeline.step`` (a command, or the pre-encoding of the
+newest frame while idle) and publishes the outcome. So a 30 Hz camera never builds a backlog and
+callbacks return at once even while inference takes seconds.
 
-Lifecycle: configure reads and validates all parameters into one :class:`LisaNodeConfig`, loads
-the model and creates publishers, subscriptions and the worker (any error: FAILURE, with one log
-line naming the parameter, and the node stays unconfigured); activate starts serving; deactivate
-stops serving (input is ignored, queued commands and the held frame are dropped); cleanup and
-shutdown stop the worker and free the model. ``autostart`` (default true) configures and
-activates the node as soon as it spins.
+Lifecycle: configure reads and checks all parameters into one :class:`LisaNodeConfig`, loads the
+model and creates the lifecycle publishers, the subscriptions and the worker (any error:
+FAILURE, with one log line naming the parameter or file, and the node stays unconfigured);
+activate starts serving; deactivate stops serving (queued commands and the held frame are
+dropped); cleanup and shutdown stop the worker and free the model; the ``shutdown`` transition
+also ends the process. A command that reaches a node that is not serving is answered at once
+with ``error_code`` ``not_ready`` and the reason (e.g. why configure failed). ``autostart``
+(default true) configures and activates the node as soon as it spins.
 """
 
 from __future__ import annotations
 
-import array
 import gc
+import itertools
 import os
 import re
 import signal
@@ -45,21 +55,23 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import String
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header, String
 
+from lisa_ros.actions import SegmentActionServer
 from lisa_ros.conversion import (
     ImageConversionError,
-    ImageFields,
     compressed_to_rgb,
+    image_to_depth,
     image_to_rgb,
-    mask_to_compressed_png,
-    mask_to_image_fields,
-    rgb_to_image_fields,
     stamp_to_seconds,
 )
+from lisa_ros.depth import CameraIntrinsics, DepthBuffer
+from lisa_ros.node_outputs import NodeOutputs
 from lisa_ros.parameters import ParameterGuard, refused, when
 from lisa_ros.pipeline import (
+    Command,
+    CommandOptions,
     Encoded,
     Event,
     EventKind,
@@ -69,11 +81,13 @@ from lisa_ros.pipeline import (
     Outcome,
     Pipeline,
     Segmenter,
+    Stage,
     Success,
     event_text,
     failure_text,
     success_text,
 )
+from lisa_ros.results import ResultInfo, describe, failure_info, stop_info, target_cloud_points
 from lisa_ros.settings import BY_NAME, Applies, LisaNodeConfig, SettingError
 
 if TYPE_CHECKING:
@@ -90,9 +104,11 @@ STOP_JOIN_SECONDS = 3.0
 #: Once the process is asked to stop, it exits within this many seconds even if a callback is
 #: still busy (a model that is loading, an inference that does not return).
 STOP_GRACE_SECONDS = 5.0
-
-#: Command reader depth beyond queue_size (see _make_entities).
+#: Command reader depth beyond queue_size: a burst reaches the pipeline, which drops the oldest
+#: waiting command with a typed answer (DDS would drop it silently).
 COMMAND_READER_SLACK = 10
+#: Depth images held for pairing (about a second of a 30 Hz stream).
+DEPTH_BUFFER = 30
 
 
 class LogThrottle:
@@ -122,21 +138,6 @@ def _reason_key(kind: str, message: str) -> str:
     return f"{kind}:{re.sub(r'[0-9.]+', '#', message)}"
 
 
-def _image_msg(fields: ImageFields, header: Any) -> Image:
-    msg = Image(
-        height=fields.height,
-        width=fields.width,
-        encoding=fields.encoding,
-        is_bigendian=fields.is_bigendian,
-        step=fields.step,
-    )
-    if header is not None:
-        msg.header = header
-    # array.array: rclpy's setter checks a bytes object element by element (slow for images).
-    msg.data = array.array("B", fields.data)
-    return msg
-
-
 class LisaNode(LifecycleNode):
     """The LISA lifecycle node (see the module docstring for topics, threads and lifecycle).
 
@@ -153,7 +154,6 @@ class LisaNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         self._parameters_guard = ParameterGuard(self)
         self._throttle = LogThrottle()
-        self._publish_lock = threading.Lock()
         self._active = threading.Event()
         self._config: LisaNodeConfig | None = None
         self._model: Any = None
@@ -162,13 +162,18 @@ class LisaNode(LifecycleNode):
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
         self._subscriptions_made: list[Any] = []
-        self._mask_pub: Any = None
-        self._mask_png_pub: Any = None
-        self._overlay_pub: Any = None
-        self._explanation_pub: Any = None
         self._image_topic = ""
+        self._depth: DepthBuffer | None = None
+        self._next_id = itertools.count(1).__next__  # command ids for the life of the node
         #: Why the last configure failed (None after a success); also logged.
         self.last_error: str | None = None
+        self._outputs = NodeOutputs(self)
+        self._command_sub = self._command_subscription(
+            self._parameters_guard.values()["queue_size"]
+        )
+        self._actions = SegmentActionServer(
+            self, self._next_id, self._submit_goal, self._cancel_command
+        )
         self._autostart_timer = None
         self.add_post_set_parameters_callback(self._on_parameters_set)
         if self.get_parameter("autostart").value is True:
@@ -178,7 +183,7 @@ class LisaNode(LifecycleNode):
 
     @property
     def config(self) -> LisaNodeConfig | None:
-        """The validated parameters of the current configuration (None when unconfigured)."""
+        """The checked parameters of the current configuration (None when unconfigured)."""
         return self._config
 
     @property
@@ -201,8 +206,8 @@ class LisaNode(LifecycleNode):
         return self._active.is_set()
 
     def read_config(self) -> LisaNodeConfig:
-        """Read all parameters once and validate them; :class:`SettingError` if one is bad
-        (also a bad start-up value that has not been fixed since)."""
+        """Read all parameters once and check them; :class:`SettingError` if one is bad (also a
+        bad start-up value that has not been fixed since)."""
         self._parameters_guard.check_startup()
         return LisaNodeConfig.from_values(self._parameters_guard.values())
 
@@ -291,7 +296,12 @@ class LisaNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         try:
             self._config, self._model, self._segmenter = config, model, segmenter
-            self._pipeline = Pipeline(config.pipeline)
+            self._pipeline = Pipeline(
+                config.pipeline,
+                check_command=self._check_command,
+                on_stage=self._on_stage,
+                next_id=self._next_id,
+            )
             self._make_entities(config)
             self._stop_worker.clear()
             self._worker = threading.Thread(
@@ -310,6 +320,7 @@ class LisaNode(LifecycleNode):
             f"configured: {source} on {device} loaded in {seconds:.1f} s, mode {config.mode}; "
             f"image {self._image_topic} ({config.image_transport}, {config.image_reliability}), "
             f"command {self.resolve_topic_name('command')}"
+            + (f", depth {self.resolve_topic_name('depth')}" if config.depth else "")
         )
         return super().on_configure(state)
 
@@ -324,7 +335,7 @@ class LisaNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._deactivate()
-        self.get_logger().info("inactive: input is ignored until activated again")
+        self.get_logger().info("inactive: commands are answered 'not ready' until activated")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -351,6 +362,7 @@ class LisaNode(LifecycleNode):
         self._release(WORKER_JOIN_SECONDS if self.context.ok() else STOP_JOIN_SECONDS)
         if self._autostart_timer is not None:
             self._autostart_timer.cancel()
+        self._actions.destroy()
         super().destroy_node()
 
     # ---------------------------------------------------------------------------- internals
@@ -382,9 +394,15 @@ class LisaNode(LifecycleNode):
         live = LisaNodeConfig.from_values(self._parameters_guard.values())
         later = sorted(p.name for p in ours if BY_NAME[p.name].applies != Applies.LIVE)
         pipeline, segmenter = self._pipeline, self._segmenter
-        # Live settings: the pipeline's (overlay stays what configure set up) and the mode.
+        # Live settings: the pipeline's (overlay stays what configure set up), the mode, depth.
         new_pipeline = replace(live.pipeline, overlay=config.pipeline.overlay)
-        self._config = replace(config, mode=live.mode, pipeline=new_pipeline)
+        self._config = replace(
+            config,
+            mode=live.mode,
+            pipeline=new_pipeline,
+            depth_options=live.depth_options,
+            target_cloud_max_points=live.target_cloud_max_points,
+        )
         if pipeline is not None:
             pipeline.reconfigure(new_pipeline)
         if isinstance(segmenter, ModeSegmenter):
@@ -400,16 +418,14 @@ class LisaNode(LifecycleNode):
         self.get_logger().error(message)
         return TransitionCallbackReturn.FAILURE
 
-    def _make_entities(self, config: LisaNodeConfig) -> None:
-        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self._mask_pub = self.create_lifecycle_publisher(Image, "mask", reliable)
-        if config.publish_compressed_mask:
-            topic = self.resolve_topic_name("mask") + "/compressed"
-            self._mask_png_pub = self.create_lifecycle_publisher(CompressedImage, topic, reliable)
-        self._explanation_pub = self.create_lifecycle_publisher(String, "explanation", reliable)
-        if config.publish_overlay:
-            self._overlay_pub = self.create_lifecycle_publisher(Image, "overlay", reliable)
+    def _command_subscription(self, queue_size: int) -> Any:
+        qos = QoSProfile(
+            depth=queue_size + COMMAND_READER_SLACK, reliability=ReliabilityPolicy.RELIABLE
+        )
+        return self.create_subscription(String, "command", self._on_command, qos)
 
+    def _make_entities(self, config: LisaNodeConfig) -> None:
+        self._outputs.create(config)
         image_qos = QoSProfile(
             history=qos_profile_sensor_data.history,
             depth=qos_profile_sensor_data.depth,
@@ -429,23 +445,30 @@ class LisaNode(LifecycleNode):
         else:
             self._image_topic = self.resolve_topic_name("image")
             image_sub = self.create_subscription(Image, "image", self._on_image, image_qos)
-        # The reader keeps more than queue_size so that a burst reaches the pipeline, which
-        # drops the oldest waiting command with a warning (DDS would drop it silently).
-        command_qos = QoSProfile(
-            depth=config.pipeline.queue_size + COMMAND_READER_SLACK,
-            reliability=ReliabilityPolicy.RELIABLE,
-        )
-        command_sub = self.create_subscription(String, "command", self._on_command, command_qos)
-        self._subscriptions_made = [image_sub, command_sub]
+        self._subscriptions_made = [image_sub]
+        # The command reader is made again after the image reader: the executor then takes a
+        # frame and a command that arrive together in that order (and queue_size may change).
+        self.destroy_subscription(self._command_sub)
+        self._command_sub = self._command_subscription(config.pipeline.queue_size)
+        if config.depth:
+            self._depth = DepthBuffer(DEPTH_BUFFER, config.depth_tolerance)
+            self._subscriptions_made += [
+                self.create_subscription(Image, "depth", self._on_depth, image_qos),
+                self.create_subscription(
+                    CameraInfo, "camera_info", self._on_camera_info, image_qos
+                ),
+            ]
 
     def _deactivate(self) -> None:
         self._active.clear()
         if self._pipeline is not None:
             self._pipeline.clear()  # forget the frame and the waiting/standing commands
+        if self._depth is not None:
+            self._depth.clear()
 
     def _release(self, join_seconds: float = WORKER_JOIN_SECONDS) -> None:
         """Stop the worker (waiting up to ``join_seconds`` for an inference in flight), destroy
-        publishers/subscriptions, drop the model (idempotent)."""
+        the lifecycle publishers and the subscriptions, drop the model (idempotent)."""
         self._active.clear()
         worker, self._worker = self._worker, None
         if worker is not None:
@@ -465,11 +488,7 @@ class LisaNode(LifecycleNode):
         for sub in self._subscriptions_made:
             self.destroy_subscription(sub)
         self._subscriptions_made = []
-        for name in ("_mask_pub", "_mask_png_pub", "_overlay_pub", "_explanation_pub"):
-            pub = getattr(self, name)
-            if pub is not None:
-                self.destroy_lifecycle_publisher(pub)
-                setattr(self, name, None)
+        self._outputs.destroy()
         if self._pipeline is not None:
             summary = f"pipeline: {self._pipeline.stats().summary()}"
             if self.context.ok():
@@ -478,7 +497,7 @@ class LisaNode(LifecycleNode):
                 print(f"[{self.get_fully_qualified_name()}] {summary}", file=sys.stderr)
         had_model = self._model is not None
         device = getattr(self._model, "device", None)
-        self._pipeline = self._segmenter = self._model = self._config = None
+        self._pipeline = self._segmenter = self._model = self._config = self._depth = None
         if had_model:
             gc.collect()
             if getattr(device, "type", None) == "cuda":
@@ -515,11 +534,54 @@ class LisaNode(LifecycleNode):
             frame_id=msg.header.frame_id,
         )
 
-    def _on_command(self, msg: String) -> None:
-        pipeline = self._pipeline
-        if not self._active.is_set() or pipeline is None:
+    def _on_depth(self, msg: Image) -> None:
+        buffer = self._depth
+        if not self._active.is_set() or buffer is None:
             return
-        for event in pipeline.push_command(msg.data, self._now()):
+        try:
+            depth = image_to_depth(msg)
+        except ImageConversionError as exc:
+            topic = self.resolve_topic_name("depth")
+            self._report(_reason_key("depth", str(exc)), f"bad depth image on {topic}: {exc}")
+            return
+        buffer.push_depth(depth, stamp_to_seconds(msg.header.stamp), msg.header.frame_id)
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        buffer = self._depth
+        if buffer is None:
+            return
+        try:
+            buffer.set_intrinsics(CameraIntrinsics.from_camera_info(msg))
+        except ValueError as exc:
+            topic = self.resolve_topic_name("camera_info")
+            self._report(_reason_key("camera_info", str(exc)), f"bad {topic}: {exc}")
+
+    def _on_command(self, msg: String) -> None:
+        self._submit(self._next_id(), msg.data, CommandOptions())
+
+    def _submit_goal(self, command_id: int, text: str, options: CommandOptions) -> None:
+        self._submit(command_id, text, options)
+
+    def _submit(self, command_id: int, text: str, options: CommandOptions) -> None:
+        """Hand a command to the pipeline, or answer it 'not ready' when the node is not
+        serving; its outcome comes from the worker or, when it ends at once, from the events."""
+        pipeline = self._pipeline
+        now = self._now()
+        if not self._active.is_set() or pipeline is None:
+            command = Command(" ".join(str(text).split()), now, command_id, options)
+            why = self.last_error or f"the node is {self.state}, not active"
+            failure = Failure(command, FailureKind.NOT_READY, f"not ready: {why}")
+            self._publish_outcome(failure)
+            return
+        for event in pipeline.push_command(text, now, options, command_id=command_id):
+            self._handle_event(event)
+
+    def _cancel_command(self, command_id: int) -> None:
+        pipeline = self._pipeline
+        if pipeline is None:
+            return
+        event = pipeline.cancel(command_id)
+        if event is not None:
             self._handle_event(event)
 
     def _handle_event(self, event: Event) -> None:
@@ -527,12 +589,32 @@ class LisaNode(LifecycleNode):
         if event.kind == EventKind.COMMAND_ACCEPTED:
             log.info(event.message)
         elif event.kind == EventKind.STOPPED:
-            log.info(event.message)
-            self._publish_explanation(event_text(event) or event.message)
+            assert event.command is not None
+            log.info(f"command {event.command.id}: {event.message}")
+            info = stop_info(event, self._now() - event.command.received)
+            self._publish_info(info, event_text(event) or event.message)
         elif event.failure is not None:  # rejected, dropped, cancelled: each one is answered
-            self._publish_failure(event.failure)
+            self._publish_outcome(event.failure)
 
-    def _report(self, key: str, message: str, publish: bool) -> None:
+    def _check_command(self, text: str, options: CommandOptions) -> str | None:
+        """The model's token budget for this command (None: it fits)."""
+        config, segmenter = self._config, self._segmenter
+        predictor = getattr(segmenter, "predictor", None)
+        check = getattr(predictor, "check_query", None)
+        if config is None or check is None:
+            return None
+        mode = options.mode or config.mode
+        explain = config.pipeline.explain if options.explain is None else options.explain
+        try:
+            check(text, explain=explain, mode=mode, max_new_tokens=config.pipeline.max_new_tokens)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _on_stage(self, command: Command, stage: Stage) -> None:
+        self._actions.stage(command.id, stage)
+
+    def _report(self, key: str, message: str, publish: bool = False) -> None:
         """Warn (throttled per key); with ``publish``, also answer on explanation (same rate)."""
         held = self._throttle.check(key)
         if held is None:
@@ -540,13 +622,7 @@ class LisaNode(LifecycleNode):
         suffix = f" ({held} more like this held back)" if held else ""
         self.get_logger().warning(message + suffix)
         if publish:
-            self._publish_explanation(f"failed: {message}")
-
-    def _publish_explanation(self, text: str) -> None:
-        pub = self._explanation_pub
-        if pub is not None:
-            with self._publish_lock:
-                pub.publish(String(data=text))
+            self._outputs.text(f"failed: {message}")
 
     # ---------------------------------------------------------------------- worker thread
 
@@ -571,48 +647,60 @@ class LisaNode(LifecycleNode):
                 self._log_encoding(outcome)
                 continue
             if outcome is not None:
-                if self._active.is_set():
-                    try:
-                        self._publish_outcome(outcome)
-                    except Exception as exc:
-                        if not self.context.ok():
-                            return  # Ctrl-C: the context went away under a running inference
-                        message = f"could not publish a result: {type(exc).__name__}: {exc}"
-                        self._report(_reason_key("publish", str(exc)), message, publish=False)
+                try:
+                    self._publish_outcome(outcome)
+                except Exception as exc:
+                    if not self.context.ok():
+                        return  # Ctrl-C: the context went away under a running inference
+                    message = f"could not publish a result: {type(exc).__name__}: {exc}"
+                    self._report(_reason_key("publish", str(exc)), message)
                 continue
             pipeline.wait_for_input(pipeline.time_until_next_event(now))
 
     def _publish_outcome(self, outcome: Outcome) -> None:
+        """Publish a command's outcome on every output (any thread)."""
+        latency = self._now() - outcome.command.received
         if isinstance(outcome, Failure):
-            self._publish_failure(outcome)
+            self._log_failure(outcome)
+            self._publish_info(failure_info(outcome, latency), failure_text(outcome))
             return
         assert isinstance(outcome, Success)
+        config = self._config
+        buffer = self._depth
+        lookup = buffer.lookup(outcome.frame.stamp) if buffer is not None else None
+        options = config.depth_options if config is not None else None
+        info = describe(outcome, latency, lookup, options)
+        if info.depth_problem is not None:
+            self._report(_reason_key("depth", info.depth_problem), info.depth_problem)
+        cloud = None
+        if config is not None and config.publish_target_cloud and lookup is not None:
+            cloud = target_cloud_points(info, lookup, options, config.target_cloud_max_points)
+        self._publish_info(
+            info, success_text(outcome), mask=outcome.mask, overlay=outcome.overlay, cloud=cloud
+        )
+        self._log_success(outcome, info)
+
+    def _publish_info(self, info: ResultInfo, text: str, **pictures: Any) -> None:
+        header = info.header
+        if header is None:  # a command that never got a frame: stamped now
+            header = Header(stamp=self.get_clock().now().to_msg())
+        message = self._outputs.result(info, text, header=header, **pictures)
+        self._actions.finish(info.command.id, message)
+
+    def _log_success(self, outcome: Success, info: ResultInfo) -> None:
         frame = outcome.frame
-        header = frame.header
-        with self._publish_lock:
-            if self._mask_pub is not None:
-                self._mask_pub.publish(_image_msg(mask_to_image_fields(outcome.mask), header))
-            if self._mask_png_pub is not None:
-                fmt, data = mask_to_compressed_png(outcome.mask)
-                msg = CompressedImage(format=fmt)
-                if header is not None:
-                    msg.header = header
-                msg.data = array.array("B", data)
-                self._mask_png_pub.publish(msg)
-            if self._overlay_pub is not None and outcome.overlay is not None:
-                self._overlay_pub.publish(_image_msg(rgb_to_image_fields(outcome.overlay), header))
-            if self._explanation_pub is not None:
-                self._explanation_pub.publish(String(data=success_text(outcome)))
-        n_masks = int(outcome.result.masks.shape[0])
         encoding = (
             "pre-encoded frame"
             if outcome.preencoded
             else f"encoding {outcome.encode_seconds:.2f} s"
         )
+        placed = sum(t.position_valid for t in info.targets)
+        depth = f", {placed} with a 3-D position" if self._depth is not None else ""
         text = (
             f"served {'standing ' if outcome.standing else ''}command {outcome.command.id} "
             f"{outcome.command.text!r} on frame {frame.seq} ({frame.frame_id or 'no frame_id'}) "
-            f"in {outcome.inference_seconds:.2f} s ({encoding}): {n_masks} mask(s)"
+            f"in {outcome.inference_seconds:.2f} s ({encoding}): {len(info.targets)} "
+            f"target(s){depth}"
         )
         if outcome.standing:
             self.get_logger().debug(text)
@@ -625,10 +713,10 @@ class LisaNode(LifecycleNode):
                 f"pre-encoded frame {encoded.frame.seq} in {encoded.seconds:.2f} s"
             )
             return
-        kind, reason = "preencode", f"{type(encoded.error).__name__}: {encoded.error}"
-        self._report(_reason_key(kind, reason), f"pre-encoding failed: {reason}", publish=False)
+        reason = f"{type(encoded.error).__name__}: {encoded.error}"
+        self._report(_reason_key("preencode", reason), f"pre-encoding failed: {reason}")
 
-    def _publish_failure(self, failure: Failure) -> None:
+    def _log_failure(self, failure: Failure) -> None:
         message = f"command {failure.command.id}: {failure.reason} ({failure.command.text!r})"
         held = self._throttle.check(_reason_key(failure.kind.value, failure.reason))
         if held is not None:
@@ -642,7 +730,6 @@ class LisaNode(LifecycleNode):
                 self.get_logger().warning(f"failed: {message}{suffix}")
         if failure.kind == FailureKind.OUT_OF_MEMORY:
             self._free_device_cache()
-        self._publish_explanation(failure_text(failure))
 
     def _free_device_cache(self) -> None:
         device = getattr(self._model, "device", None)

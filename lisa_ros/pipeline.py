@@ -44,6 +44,7 @@ running when it arrives.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -235,6 +236,8 @@ class Pipeline:
         config: the behaviour.
         check_command: an extra check of each command at input (e.g. the model's token budget).
         on_stage: told when a command starts waiting for a frame, encoding and decoding.
+        next_id: gives command ids (default: 1, 2, ... per pipeline); the node passes its own
+            counter so that ids keep increasing across reconfigurations.
     """
 
     def __init__(
@@ -243,8 +246,10 @@ class Pipeline:
         *,
         check_command: CommandCheck | None = None,
         on_stage: StageObserver | None = None,
+        next_id: Callable[[], int] | None = None,
     ) -> None:
         self.config = config if config is not None else PipelineConfig()
+        self._next_id = next_id if next_id is not None else itertools.count(1).__next__
         self._check_command = check_command
         self._on_stage = on_stage
         self._lock = threading.Lock()
@@ -254,7 +259,6 @@ class Pipeline:
         self._frame_used = False
         self._frame_seq = 0
         self._commands: deque[Command] = deque()
-        self._command_seq = 0
         # id of the newest accepted command; only it may become standing (None after "stop").
         self._latest_command_id: int | None = None
         self._standing: Command | None = None
@@ -314,9 +318,14 @@ class Pipeline:
         return frame
 
     def push_command(
-        self, text: str, now: float, options: CommandOptions | None = None
+        self,
+        text: str,
+        now: float,
+        options: CommandOptions | None = None,
+        command_id: int | None = None,
     ) -> list[Event]:
-        """Validate and queue a command (every command gets the next id).
+        """Validate and queue a command; it gets ``command_id``, else the next id (a driver that
+        must know the id before the outcome can exist takes one from its ``next_id`` first).
 
         Returns the events to log: ``COMMAND_REJECTED`` (with its failure), or ``STOPPED`` for
         the stop command followed by one ``COMMAND_CANCELLED`` per waiting command, or
@@ -331,8 +340,8 @@ class Pipeline:
             reason = self._check_command(normalised, options)
         with self._lock:
             self._stats.commands_received += 1
-            self._command_seq += 1
-            command = Command(normalised, float(now), self._command_seq, options)
+            cid = self._next_id() if command_id is None else command_id
+            command = Command(normalised, float(now), cid, options)
             if reason is not None:
                 self._stats.commands_rejected += 1
                 failure = Failure(command, FailureKind.REJECTED, f"command rejected: {reason}")

@@ -112,6 +112,7 @@ class FailureKind(enum.Enum):
     OUT_OF_MEMORY = "out_of_memory"  # the model ran out of (device) memory
     MODEL_ERROR = "model_error"  # set_image/predict raised
     BAD_RESULT = "bad_result"  # the model returned masks that do not fit the frame
+    NOT_READY = "not_ready"  # the node is not serving (unconfigured, inactive)
 
 
 @dataclass(frozen=True, eq=False)

@@ -133,6 +133,7 @@ _MODEL = "model"
 _ANSWERS = "answers"
 _PAIRING = "pairing commands with frames"
 _PREENCODE = "pre-encoding"
+_DEPTH = "3-D positions from aligned depth"
 _TOPICS = "topics"
 _NODE = "node"
 
@@ -301,6 +302,83 @@ SETTINGS: tuple[Setting, ...] = (
         unit="Hz",
     ),
     Setting(
+        "depth",
+        False,
+        "subscribe <depth> (sensor_msgs/Image 16UC1 mm or 32FC1 m, aligned to the colour image) "
+        "and <camera_info>, and give each target its 3-D centre",
+        _DEPTH,
+        Applies.CONFIGURE,
+    ),
+    Setting(
+        "depth_tolerance",
+        0.05,
+        "most time between a colour frame's stamp and the depth image paired with it",
+        _DEPTH,
+        Applies.CONFIGURE,
+        minimum=0.0,
+        maximum=10.0,
+        unit="s",
+    ),
+    Setting(
+        "depth_min_range",
+        0.1,
+        "nearer depth is ignored (set the camera's working range)",
+        _DEPTH,
+        minimum=0.0,
+        maximum=1000.0,
+        unit="m",
+    ),
+    Setting(
+        "depth_max_range",
+        10.0,
+        "farther depth is ignored",
+        _DEPTH,
+        minimum=0.001,
+        maximum=1000.0,
+        unit="m",
+    ),
+    Setting(
+        "depth_erode_px",
+        3,
+        "radius the mask is eroded by before its depth is read (a mask's rim is often "
+        "background); 0 = none",
+        _DEPTH,
+        minimum=0,
+        maximum=100,
+        unit="px",
+    ),
+    Setting(
+        "depth_min_pixels",
+        20,
+        "fewer valid depth pixels in the eroded mask: the whole mask is used",
+        _DEPTH,
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    Setting(
+        "publish_target_point",
+        False,
+        "with depth: publish the first target's centre on <target_point> "
+        "(geometry_msgs/PointStamped)",
+        _DEPTH,
+        Applies.CONFIGURE,
+    ),
+    Setting(
+        "publish_target_cloud",
+        False,
+        "with depth: publish the targets' 3-D points on <target_cloud> (sensor_msgs/PointCloud2)",
+        _DEPTH,
+        Applies.CONFIGURE,
+    ),
+    Setting(
+        "target_cloud_max_points",
+        5000,
+        "most points in <target_cloud> (decimated evenly)",
+        _DEPTH,
+        minimum=1,
+        maximum=10_000_000,
+    ),
+    Setting(
         "image_transport",
         "raw",
         "raw: subscribe <image> (sensor_msgs/Image); compressed: <image>/compressed",
@@ -375,6 +453,12 @@ def check_combination(values: Mapping[str, Any]) -> None:
         raise SettingError(
             "explain", "explain=true needs mode 'generate' (mode 'segment' produces no text)"
         )
+    if values["depth_min_range"] >= values["depth_max_range"]:
+        raise SettingError(
+            "depth_min_range",
+            f"{values['depth_min_range']!r} must be less than depth_max_range "
+            f"{values['depth_max_range']!r}",
+        )
 
 
 # ------------------------------------------------------------------------------ the node config
@@ -395,6 +479,11 @@ class LisaNodeConfig:
         image_reliability: "best_effort" or "reliable".
         publish_overlay: publish the overlay picture (also makes the pipeline render it).
         publish_compressed_mask: publish the mask as PNG on ``<mask>/compressed`` too.
+        depth: subscribe aligned depth and camera_info; targets get 3-D positions.
+        depth_tolerance: seconds between a frame's stamp and its depth image's.
+        depth_options: which depth pixels count (``lisa_ros.depth.DepthOptions``).
+        publish_target_point, publish_target_cloud: the depth outputs.
+        target_cloud_max_points: most points in ``target_cloud``.
         pipeline: the pairing/queue/continuous-mode behaviour.
     """
 
@@ -408,6 +497,12 @@ class LisaNodeConfig:
     image_reliability: str = "best_effort"
     publish_overlay: bool = True
     publish_compressed_mask: bool = False
+    depth: bool = False
+    depth_tolerance: float = 0.05
+    depth_options: Any = field(default=None)
+    publish_target_point: bool = False
+    publish_target_cloud: bool = False
+    target_cloud_max_points: int = 5000
     pipeline: Any = field(default=None)
 
     def __post_init__(self) -> None:
@@ -415,11 +510,16 @@ class LisaNodeConfig:
             from lisa_ros.pipeline import PipelineConfig
 
             object.__setattr__(self, "pipeline", PipelineConfig(overlay=self.publish_overlay))
+        if self.depth_options is None:
+            from lisa_ros.depth import DepthOptions
+
+            object.__setattr__(self, "depth_options", DepthOptions())
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> LisaNodeConfig:
         """Check ``{setting name: value}`` (missing names take their defaults) and build the
         config; :class:`SettingError` names the first bad setting."""
+        from lisa_ros.depth import DepthOptions
         from lisa_ros.pipeline import PipelineConfig
 
         checked = check_values(values)
@@ -438,6 +538,17 @@ class LisaNodeConfig:
             image_reliability=checked["image_reliability"],
             publish_overlay=checked["publish_overlay"],
             publish_compressed_mask=checked["publish_compressed_mask"],
+            depth=checked["depth"],
+            depth_tolerance=checked["depth_tolerance"],
+            depth_options=DepthOptions(
+                min_range=checked["depth_min_range"],
+                max_range=checked["depth_max_range"],
+                erode_px=checked["depth_erode_px"],
+                min_pixels=checked["depth_min_pixels"],
+            ),
+            publish_target_point=checked["publish_target_point"],
+            publish_target_cloud=checked["publish_target_cloud"],
+            target_cloud_max_points=checked["target_cloud_max_points"],
             pipeline=pipeline,
         )
 
