@@ -143,9 +143,9 @@ def build_environment(prefix: Path, underlay: Path) -> dict[str, str]:
 
 def input_hash(source: Path, prefix: Path) -> str:
     """A hash of what the installed build depends on that can change: the package's files, the
-    install prefix and the Python."""
+    install prefix and the Python version."""
     digest = hashlib.sha256()
-    digest.update(f"{prefix}\0{sys.executable}\0".encode())
+    digest.update(f"{prefix}\0python{sys.version_info[0]}.{sys.version_info[1]}\0".encode())
     for path in sorted(p for p in source.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(source)}\0".encode())
         digest.update(path.read_bytes())
