@@ -186,7 +186,8 @@ def _cached(build_dir: Path, key: str) -> str | None:
     return None
 
 
-def _run(args: list[str], env: dict[str, str], log: Path) -> None:
+def _run(step: str, args: list[str], env: dict[str, str], log: Path) -> None:
+    """Run one cmake step, its output appended to ``log``; a failure ends with the log's tail."""
     with log.open("a") as out:
         out.write(f"$ {' '.join(args)}\n")
         out.flush()
@@ -194,7 +195,7 @@ def _run(args: list[str], env: dict[str, str], log: Path) -> None:
     if result.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         raise UserError(
-            f"{args[0]} {args[1]} failed (exit {result.returncode}); log {log}:\n"
+            f"cmake {step} of {PACKAGE} failed (exit {result.returncode}); log {log}:\n"
             + "\n".join(tail)
         )
 
@@ -221,9 +222,9 @@ def build(source: Path, build_dir: Path, prefix: Path, underlay: Path, jobs: int
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_TESTING=OFF",
     ]
-    _run(configure, env, log)
-    _run(["cmake", "--build", str(build_dir), "--parallel", str(jobs)], env, log)
-    _run(["cmake", "--install", str(build_dir)], env, log)
+    _run("configure", configure, env, log)
+    _run("build", ["cmake", "--build", str(build_dir), "--parallel", str(jobs)], env, log)
+    _run("install", ["cmake", "--install", str(build_dir)], env, log)
 
 
 def build_lisa_msgs(

@@ -11,6 +11,7 @@ pieces on temporary prefixes, and (slow) a build from scratch into a temporary p
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -184,6 +185,21 @@ def test_missing_build_packages_are_named_with_their_pip_names(tmp_path: Path, c
     assert build_lisa_msgs.main(["--source", str(tmp_path), "--prefix", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"build_lisa_msgs: error: --source {tmp_path}: no CMakeLists.txt" in err
+
+
+def test_a_bad_definition_fails_the_build_with_the_generators_message(
+    tmp_path: Path, capsys
+) -> None:
+    source = tmp_path / "lisa_msgs"
+    shutil.copytree(build_lisa_msgs.SOURCE, source)
+    with (source / "msg" / "Target.msg").open("a") as f:
+        f.write("float32 BadName\n")
+    args = ["--source", str(source), "--prefix", str(tmp_path / "prefix")]
+    assert build_lisa_msgs.main([*args, "--build-dir", str(tmp_path / "build")]) == 2
+    err = capsys.readouterr().err
+    assert "build_lisa_msgs: error: cmake configure of lisa_msgs failed (exit 1)" in err
+    assert "'BadName' is an invalid field name" in err
+    assert not (tmp_path / "prefix").exists()
 
 
 @pytest.mark.slow
