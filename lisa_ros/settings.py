@@ -601,6 +601,8 @@ _YAML_HEADER = """\
 # /lisa_node, so the launch file's namespace argument would silently drop this file).
 # When a change takes effect: [startup] read-only, restart the node; [configure] on the next
 # configure (cleanup, then configure); the others at once, also with `ros2 param set`.
+# With lisa.launch.py this file (or params_file:=yours) wins: its model:= and device:= arguments
+# override the values below only when given (non-empty).
 """
 
 

@@ -1,27 +1,39 @@
-"""``colcon build`` of the package in a fresh workspace, and the installed ``lisa_node`` runs.
+"""One ``colcon build`` of both packages in a fresh workspace, and the install space works.
 
-colcon comes from PyPI (colcon-common-extensions, in the dev venv); the build is the ordinary
-ament_python one (``setup.py`` + ``setup.cfg``'s ``install_scripts=$base/lib/lisa_ros``), so
-``ros2 run lisa_ros lisa_node`` and ``ros2 launch lisa_ros lisa.launch.py`` find their files.
+The repository is lisa_ros (ament_python, at its root) with lisa_msgs (ament_cmake + rosidl) in
+``lisa_msgs/``. colcon stops crawling a folder once it found a package there, so the command names
+both: ``colcon build --base-paths src/lisa_ros src/lisa_ros/lisa_msgs``. lisa_ros's exec_depend on
+lisa_msgs makes colcon build lisa_msgs first.
+
+colcon comes from PyPI (colcon-common-extensions, in the dev venv), and so do ament_cmake and the
+rosidl generators, found through the venv on ``AMENT_PREFIX_PATH``/``CMAKE_PREFIX_PATH`` after
+the wheels' CMake exports are pointed at this venv's Python (as ``make venv`` does). The install
+space is then used as a user would, after ``. install/setup.sh``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.lisa_ros.install_helpers import (
+    VENV,
+    VENV_BIN,
+    loopback_env,
+    run_lisa_node_until_configure_fails,
+    run_probe,
+)
+from tools.build_lisa_msgs import PythonPaths, build_environment, fix_cmake_exports
+
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_FILES = ("setup.py", "setup.cfg", "package.xml")
-PACKAGE_DIRS = ("resource", "launch", "config", "lisa_model", "lisa_ros", "training")
-VENV_BIN = Path(sys.executable).parent
+PACKAGE_DIRS = ("resource", "launch", "config", "lisa_model", "lisa_ros", "training", "lisa_msgs")
+INTERFACES = ("msg/Target.msg", "msg/Segmentation.msg", "action/Segment.action")
 
 pytestmark = pytest.mark.ros
 
@@ -35,28 +47,32 @@ def _colcon() -> Path:
     return colcon
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    colcon = _colcon()
-    ws = tmp_path_factory.mktemp("colcon_ws")
-    src = ws / "src" / "lisa_ros"
+def copy_repository(src: Path) -> None:
+    """What a clone holds, without caches and build trees."""
     src.mkdir(parents=True)
     for name in PACKAGE_FILES:
         shutil.copy2(REPO / name, src / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in PACKAGE_DIRS:
         shutil.copytree(REPO / name, src / name, ignore=ignore)
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(
-        [str(colcon), "build", "--base-paths", "src"],
-        cwd=ws,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Summary: 1 package finished" in result.stdout, result.stdout
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    colcon = _colcon()
+    fix_cmake_exports(VENV, PythonPaths.current())  # done by make venv; idempotent
+    ws = tmp_path_factory.mktemp("colcon_ws")
+    copy_repository(ws / "src" / "lisa_ros")
+    env = build_environment(VENV, VENV)
+    command = [str(colcon), "build", "--base-paths", "src/lisa_ros", "src/lisa_ros/lisa_msgs"]
+    command += ["--cmake-args", f"-DPython3_EXECUTABLE={sys.executable}", "-DBUILD_TESTING=OFF"]
+    result = subprocess.run(command, cwd=ws, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Summary: 2 packages finished" in result.stdout, output
+    # lisa_ros waits for lisa_msgs (its exec_depend).
+    finished_msgs = result.stdout.index("Finished <<< lisa_msgs")
+    assert finished_msgs < result.stdout.index("Starting >>> lisa_ros"), result.stdout
     return ws
 
 
@@ -76,9 +92,56 @@ def test_colcon_build_installs_executable_launch_and_config(workspace: Path) -> 
     assert index.is_file()
     (site,) = (install / "lib").glob("python3*/site-packages")
     assert (site / "lisa_ros" / "node.py").is_file()
+    assert (site / "lisa_ros" / "launch_params.py").is_file()
     assert (site / "lisa_model" / "predictor.py").is_file()
+    assert not (site / "lisa_msgs").exists(), "lisa_msgs/ must not be packaged as Python"
     (entry_points,) = site.glob("*.egg-info/entry_points.txt")
     assert "lisa_node = lisa_ros.node:main" in entry_points.read_text()
+
+
+def test_colcon_build_installs_the_interfaces(workspace: Path) -> None:
+    install = workspace / "install" / "lisa_msgs"
+    share = install / "share" / "lisa_msgs"
+    for relative in INTERFACES:
+        assert (share / relative).read_text() == (REPO / "lisa_msgs" / relative).read_text()
+    assert "<name>lisa_msgs</name>" in (share / "package.xml").read_text()
+    index = install / "share" / "ament_index" / "resource_index"
+    assert (index / "packages" / "lisa_msgs").is_file()
+    assert (index / "rosidl_interfaces" / "lisa_msgs").read_text().split() == sorted(
+        ["action/Segment.action", "action/Segment.idl", "msg/Segmentation.idl"]
+        + ["msg/Segmentation.msg", "msg/Target.idl", "msg/Target.msg"]
+    )
+    (site,) = (install / "lib").glob("python3*/site-packages")
+    assert (site / "lisa_msgs" / "msg" / "_segmentation.py").is_file()
+    assert (install / "lib" / "liblisa_msgs__rosidl_typesupport_c.so").is_file()
+    assert (install / "include" / "lisa_msgs" / "lisa_msgs" / "msg" / "segmentation.hpp").is_file()
+
+
+def test_install_space_loads_its_own_lisa_msgs_and_indexes_both_packages(
+    workspace: Path,
+) -> None:
+    """After ``. install/setup.sh``: lisa_msgs and its C libraries come from the install space
+    (not from the venv, which has its own), and ament finds both packages there."""
+    install = workspace / "install"
+    env = loopback_env()
+    for name in ("PYTHONPATH", "AMENT_PREFIX_PATH", "COLCON_PREFIX_PATH", "CMAKE_PREFIX_PATH"):
+        env.pop(name, None)
+    # The wheels' hook already ran in this process: the venv's libraries are on the path, after
+    # what setup.sh prepends.
+    env["_ROS_WHEELS_BOOTSTRAP_COMPLETE"] = "1"
+    probe = run_probe(env, workspace, setup=install / "setup.sh")
+    assert probe["module"].startswith(f"{install}/lisa_msgs/lib/"), probe
+    assert probe["libs"], probe
+    assert all(lib.startswith(f"{install}/lisa_msgs/lib/") for lib in probe["libs"]), probe
+    assert probe["round_trip"] == ["probe", 2, 2]
+    assert probe["prefixes"] == {
+        "lisa_msgs": str(install / "lisa_msgs"),
+        "lisa_ros": str(install / "lisa_ros"),
+    }
+    assert probe["share"] == {
+        "lisa_ros": str(install / "lisa_ros" / "share" / "lisa_ros"),
+        "lisa_msgs": str(install / "lisa_msgs" / "share" / "lisa_msgs"),
+    }
 
 
 def test_installed_lisa_node_runs_from_the_install_space(workspace: Path) -> None:
@@ -86,33 +149,6 @@ def test_installed_lisa_node_runs_from_the_install_space(workspace: Path) -> Non
     configure failure naming the parameter, keeps running unconfigured, and exits 0 on SIGINT."""
     install = workspace / "install" / "lisa_ros"
     (site,) = (install / "lib").glob("python3*/site-packages")
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-        "ROS_DOMAIN_ID": str(1 + os.getpid() % 100),
-    }
-    args = [str(install / "lib" / "lisa_ros" / "lisa_node"), "--ros-args"]
-    args += ["-p", "model:=/nonexistent/lisa", "-r", "__ns:=/lisa_colcon"]
-    proc = subprocess.Popen(
-        args, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not any("autostart: configure failed" in ln for ln in lines):
-            assert proc.poll() is None, "".join(lines)
-            assert time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0, "".join(lines)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(5)
-    output = "".join(lines)
-    assert "configure failed: parameter 'model': /nonexistent/lisa: no such checkpoint" in output
-    assert "Traceback" not in output, output
+    env = loopback_env(PYTHONPATH=f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    node = install / "lib" / "lisa_ros" / "lisa_node"
+    run_lisa_node_until_configure_fails(node, "/lisa_colcon", env, workspace)

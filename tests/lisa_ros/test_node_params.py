@@ -4,7 +4,8 @@ A bad value set while the node runs is refused at once with a reason naming the 
 start-up value fails ``configure`` with one log line naming the parameter and leaves the node
 unconfigured; ``config/lisa_params.yaml`` is what ``lisa_ros.settings`` renders; the launch file
 declares its arguments and holds no logic (launch/launch_ros are not installable here, so it is
-only parsed); ``main`` exits cleanly on Ctrl-C.
+parsed and run against stand-ins that record the Node's arguments; the parameter rule itself is
+tested in test_launch_params.py); ``main`` exits cleanly on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
@@ -344,32 +346,117 @@ def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
     return [n for n in ast.walk(tree) if isinstance(n, ast.Call) and called(n) == name]
 
 
+LAUNCH_ARGUMENTS = {
+    "params_file": None,  # a substitution: the package's config/lisa_params.yaml
+    "model": "",
+    "device": "",
+    "namespace": "",
+    "image_topic": "image",
+    "command_topic": "command",
+    "respawn": "false",
+    "respawn_delay": "2.0",
+    "sigterm_timeout": "10",
+    "sigkill_timeout": "5",
+}
+
+
 def test_launch_file_declares_its_arguments_and_holds_no_logic() -> None:
+    """Thin: declarations and one OpaqueFunction that builds the Node from the resolved
+    arguments with lisa_ros.launch_params (where the rule lives and is tested)."""
+    from lisa_ros import launch_params
+
     tree = ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
     names = [c.args[0].value for c in _calls(tree, "DeclareLaunchArgument")]
-    assert sorted(names) == sorted(
-        ["model", "params_file", "namespace", "image_topic", "command_topic", "device"]
-    )
+    assert sorted(names) == sorted(LAUNCH_ARGUMENTS)
     used = {c.args[0].value for c in _calls(tree, "LaunchConfiguration")}
-    assert used == set(names), "every argument is used, nothing undeclared is read"
+    assert used | set(launch_params.ARGUMENTS) == set(names), "every argument is used"
+    assert used <= set(names), "nothing undeclared is read"
     (node_call,) = _calls(tree, "Node")
     kwargs = {k.arg: k.value for k in node_call.keywords}
     assert ast.literal_eval(kwargs["package"]) == "lisa_ros"
     assert ast.literal_eval(kwargs["executable"]) == "lisa_node"
     remapped = {ast.literal_eval(t.elts[0]) for t in kwargs["remappings"].elts}
     assert remapped == {"image", "command"}
+    assert ast.unparse(kwargs[None]) == "node_options(context.launch_configurations)"
     (share,) = _calls(tree, "PathJoinSubstitution")
     assert ast.unparse(share) == (
         "PathJoinSubstitution([FindPackageShare('lisa_ros'), 'config', 'lisa_params.yaml'])"
     )
+    (opaque,) = _calls(tree, "OpaqueFunction")
+    callback = ast.unparse(opaque.keywords[0].value)
     functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
-    assert functions == ["generate_launch_description"]
+    assert sorted(functions) == sorted(["generate_launch_description", callback])
     logic = (ast.If, ast.IfExp, ast.For, ast.While, ast.Try, ast.comprehension)
     assert not [n for n in ast.walk(tree) if isinstance(n, logic)]
-    modules = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
-        a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
     }
-    assert modules <= {"launch", "launch_ros"}
+    assert {m.split(".")[0] for m in modules} - {"launch", "launch_ros"} == {"lisa_ros"}
+    assert "lisa_ros.launch_params" in modules
+
+
+class _Recorder:
+    """Stand-in for a launch/launch_ros class: records its arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+def _launch_stand_ins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modules named like launch's and launch_ros's, whose classes record their arguments."""
+    import types
+
+    names = {
+        "launch": ("LaunchContext", "LaunchDescription"),
+        "launch.actions": ("DeclareLaunchArgument", "OpaqueFunction"),
+        "launch.substitutions": ("LaunchConfiguration", "PathJoinSubstitution"),
+        "launch_ros": (),
+        "launch_ros.actions": ("Node",),
+        "launch_ros.substitutions": ("FindPackageShare",),
+    }
+    for module_name, classes in names.items():
+        module = types.ModuleType(module_name)
+        for name in classes:
+            setattr(module, name, type(name, (_Recorder,), {}))
+        monkeypatch.setitem(sys.modules, module_name, module)
+
+
+def test_launch_file_builds_the_node_from_the_resolved_arguments(monkeypatch) -> None:
+    """Executed against recording stand-ins (launch/launch_ros are not installable here):
+    the declared defaults, and the Node the OpaqueFunction makes for given arguments."""
+    import importlib.util
+
+    _launch_stand_ins(monkeypatch)
+    spec = importlib.util.spec_from_file_location("lisa_launch", LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (entities,) = module.generate_launch_description().args
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities[:-1]}
+    assert {k: v for k, v in declared.items() if isinstance(v, str)} == {
+        k: v for k, v in LAUNCH_ARGUMENTS.items() if v is not None
+    }
+    assert all(e.kwargs["description"] for e in entities[:-1])
+    opaque = entities[-1]
+    assert type(opaque).__name__ == "OpaqueFunction"
+
+    def node_for(**given: str) -> Any:
+        arguments = {k: v for k, v in LAUNCH_ARGUMENTS.items() if v is not None}
+        arguments.update(params_file="/share/lisa_params.yaml", **given)
+        context = SimpleNamespace(launch_configurations=arguments)
+        (node,) = opaque.kwargs["function"](context)
+        return node.kwargs
+
+    node = node_for()
+    assert node["parameters"] == ["/share/lisa_params.yaml"]  # the file wins
+    assert (node["respawn"], node["respawn_delay"]) == (False, 2.0)
+    assert node["sigterm_timeout"].args == ("sigterm_timeout",)
+    assert node["sigkill_timeout"].args == ("sigkill_timeout",)
+    assert node["namespace"].args == ("namespace",)
+    node = node_for(device="cuda", respawn="true", respawn_delay="0.5")
+    assert node["parameters"] == ["/share/lisa_params.yaml", {"device": "cuda"}]
+    assert (node["respawn"], node["respawn_delay"]) == (True, 0.5)
+    with pytest.raises(ValueError, match="launch argument 'respawn'"):
+        node_for(respawn="sometimes")
 
 
 def test_main_runs_the_node_and_exits_cleanly_on_ctrl_c(context: Context) -> None:
