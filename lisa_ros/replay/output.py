@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 from rosbags.interfaces import Connection, MessageDefinitionFormat
 from rosbags.rosbag2 import Writer
-from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
 
 from lisa_ros.conversion import mask_to_compressed_png, mask_to_image_fields, rgb_to_image_fields
+from lisa_ros.msg_types import SEGMENTATION, register_lisa_msgs
 from lisa_ros.pipeline import Success, success_text
 from lisa_ros.replay.bags import (
     COMPRESSED_TYPE,
@@ -28,32 +29,52 @@ from lisa_ros.replay.bags import (
     NS,
     STRING_TYPE,
     copy_header,
+    header_msg,
     image_msg,
 )
 from lisa_ros.replay.driver import InputMessage
 from lisa_ros.replay.errors import ReplayError
+from lisa_ros.results import ResultInfo, describe, segmentation_message
 
 log = logging.getLogger(__name__)
 
-#: ``(typestore, header, success) -> message`` of one output topic (None: nothing to write).
-MessageBuilder = Callable[[Typestore, Any, Success], Any]
+#: ``(typestore, header, success, info) -> message`` of one output topic (None: nothing to
+#: write); ``info`` is the typed result of the success.
+MessageBuilder = Callable[[Typestore, Any, Success, ResultInfo], Any]
 
 
-def _mask(ts: Typestore, header: Any, success: Success) -> Any:
+class RosbagsKit:
+    """:class:`~lisa_ros.results.MessageKit` over a rosbags typestore."""
+
+    def __init__(self, ts: Typestore) -> None:
+        self.ts = ts
+
+    def new(self, type_name: str, **fields: Any) -> Any:
+        return self.ts.types[type_name](**fields)
+
+    def uint8_data(self, data: np.ndarray) -> Any:
+        return np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+
+
+def _mask(ts: Typestore, header: Any, success: Success, info: ResultInfo) -> Any:
     return image_msg(ts, header, mask_to_image_fields(success.mask))
 
 
-def _mask_png(ts: Typestore, header: Any, success: Success) -> Any:
+def _mask_png(ts: Typestore, header: Any, success: Success, info: ResultInfo) -> Any:
     fmt, png = mask_to_compressed_png(success.mask)
     data = np.frombuffer(png, dtype=np.uint8)
     return ts.types[COMPRESSED_TYPE](header=header, format=fmt, data=data)
 
 
-def _explanation(ts: Typestore, header: Any, success: Success) -> Any:
+def _explanation(ts: Typestore, header: Any, success: Success, info: ResultInfo) -> Any:
     return ts.types[STRING_TYPE](data=success_text(success))
 
 
-def _overlay(ts: Typestore, header: Any, success: Success) -> Any:
+def _segmentation(ts: Typestore, header: Any, success: Success, info: ResultInfo) -> Any:
+    return segmentation_message(info, RosbagsKit(ts), header)
+
+
+def _overlay(ts: Typestore, header: Any, success: Success, info: ResultInfo) -> Any:
     if success.overlay is None:
         return None
     return image_msg(ts, header, rgb_to_image_fields(success.overlay))
@@ -66,7 +87,7 @@ class OutputTopic:
     Attributes:
         key: the name the code and ``output_topics`` use for it.
         name: the topic below ``--topic-prefix`` (``"mask"`` -> ``<prefix>/mask``).
-        msgtype: its message type; one of ROS 2 Humble's or of ``EXTRA_DEFINITIONS``.
+        msgtype: its message type; one of ROS 2 Humble's or of lisa_msgs.
         build: its message for a successful command (header = the source frame's).
     """
 
@@ -77,26 +98,20 @@ class OutputTopic:
 
 
 #: Every output topic, in the order its connection is added to the bag and its message written
-#: for a successful command. A new output (e.g. typed results) is one row here, plus its
-#: definition in ``EXTRA_DEFINITIONS`` when its type is not one of ROS 2 Humble's.
+#: for a successful command (as the node publishes them: pictures first, the typed result last).
 OUTPUT_TOPICS: tuple[OutputTopic, ...] = (
     OutputTopic("mask", "mask", IMAGE_TYPE, _mask),
     OutputTopic("mask_png", "mask/compressed", COMPRESSED_TYPE, _mask_png),
-    OutputTopic("explanation", "explanation", STRING_TYPE, _explanation),
     OutputTopic("overlay", "overlay", IMAGE_TYPE, _overlay),
+    OutputTopic("explanation", "explanation", STRING_TYPE, _explanation),
+    OutputTopic("segmentation", "segmentation", SEGMENTATION, _segmentation),
 )
-
-#: ``{message type: .msg definition}`` the output needs beyond ROS 2 Humble's (none yet). They
-#: are registered in the writer's typestore, so the bag embeds them (.db3 and .mcap alike).
-EXTRA_DEFINITIONS: dict[str, str] = {}
 
 
 def output_typestore() -> Typestore:
-    """A new typestore with ROS 2 Humble's types and ``EXTRA_DEFINITIONS``."""
-    ts = get_typestore(Stores.ROS2_HUMBLE)
-    for msgtype, definition in EXTRA_DEFINITIONS.items():
-        ts.register(get_types_from_msg(definition, msgtype))
-    return ts
+    """A new typestore with ROS 2 Humble's types and lisa_msgs' (the bag embeds their
+    definitions, .db3 and .mcap alike)."""
+    return register_lisa_msgs(get_typestore(Stores.ROS2_HUMBLE))
 
 
 def output_topics(prefix: str, skip: Collection[str] = ()) -> dict[str, str]:
@@ -119,8 +134,9 @@ class OutputBag:
 
     def __init__(self, writer: Writer, prefix: str, skip: Collection[str] = ()) -> None:
         """Add the connections of ``OUTPUT_TOPICS`` (but ``skip``) to the open ``writer``."""
-        if "explanation" in skip:
-            raise ValueError("the explanation topic cannot be left out: failures are told there")
+        for key in ("explanation", "segmentation"):
+            if key in skip:
+                raise ValueError(f"the {key} topic cannot be left out: failures are told there")
         self.writer = writer
         self.ts = output_typestore()
         self.topics = output_topics(prefix, skip)
@@ -144,10 +160,23 @@ class OutputBag:
         """Write a successful command's messages at bag time ``t_ns``, headers copied from the
         source frame."""
         header = copy_header(self.ts, success.frame.header)
+        info = describe(success, latency=t_ns / NS - success.command.received)
         for output in self._outputs.values():
-            msg = output.build(self.ts, header, success)
+            msg = output.build(self.ts, header, success, info)
             if msg is not None:
                 self._write(output, t_ns, msg)
+
+    def answer(self, t_ns: int, info: ResultInfo, text: str) -> None:
+        """Write a command's answer that has no pictures (a failure, the stop command): its
+        text on the explanation topic and its typed result, at bag time ``t_ns`` (header: the
+        source frame's, else stamped ``t_ns``)."""
+        if info.header is not None:
+            header = copy_header(self.ts, info.header)
+        else:
+            header = header_msg(self.ts, *divmod(t_ns, NS), "")
+        self.explain(t_ns, text)
+        msg = segmentation_message(info, RosbagsKit(self.ts), header)
+        self._write(self._outputs["segmentation"], t_ns, msg)
 
     def copy(self, message: InputMessage, store_for_defs: Typestore) -> None:
         """Copy an input message byte for byte, with its topic, type, definition and QoS."""

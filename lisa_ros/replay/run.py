@@ -17,6 +17,7 @@ from rosbags.rosbag2 import Writer
 from rosbags.typesys import Stores, get_typestore
 
 from lisa_ros.pipeline import (
+    EventKind,
     Failure,
     Pipeline,
     PipelineConfig,
@@ -46,6 +47,7 @@ from lisa_ros.replay.output import (
     output_topics,
 )
 from lisa_ros.replay.overlays import overlay_png_name, write_contact_sheet, write_png
+from lisa_ros.results import ResultInfo, failure_info, stop_info
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +272,19 @@ def _served(summary: ReplaySummary) -> list[tuple[int, float, Success]]:
     ]
 
 
+def _event_info(item: CommandEvent) -> ResultInfo | None:
+    """The typed result a command event ends in (a failure, the stop command), else None."""
+    event = item.event
+    if event.command is None:
+        return None
+    latency = item.time_ns / NS - event.command.received
+    if event.failure is not None:
+        return failure_info(event.failure, latency)
+    if event.kind == EventKind.STOPPED:
+        return stop_info(event, latency)
+    return None
+
+
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -331,8 +346,9 @@ def _run(
             skipped[item.reason] += 1
         elif isinstance(item, CommandEvent):
             text = event_text(item.event)
-            if text is not None:
-                output.explain(item.time_ns, text)
+            info = _event_info(item)
+            if info is not None and text is not None:
+                output.answer(item.time_ns, info, text)
             if item.event.is_warning:
                 _say(
                     f"warning: {item.origin} at {(item.time_ns - start) / NS:.2f} s: "
@@ -356,7 +372,8 @@ def _run(
                         f"{f' - {outcome.explanation}' if outcome.explanation else ''}"
                     )
             else:
-                output.explain(item.time_ns, failure_text(outcome))
+                latency = item.time_ns / NS - outcome.command.received
+                output.answer(item.time_ns, failure_info(outcome, latency), failure_text(outcome))
                 _say(
                     f"warning: {at:.2f} s: command {outcome.command.text!r} failed: "
                     f"{outcome.reason}",

@@ -228,7 +228,12 @@ def test_one_mask_per_served_command_with_the_source_header(
     assert (out / f"out{suffix}").is_file()  # same storage as the input by default
     assert summary.stats.served == 2 and summary.stats.failed == 0
     topics = read_bag(out)
-    assert set(topics) == {"/lisa/mask", "/lisa/explanation", "/lisa/overlay"}
+    assert set(topics) == {
+        "/lisa/mask",
+        "/lisa/explanation",
+        "/lisa/overlay",
+        "/lisa/segmentation",
+    }
     masks = topics["/lisa/mask"]
     assert [t for t, _, _ in masks] == [T0 + NS // 4, T0 + 13 * NS // 20]  # the commands' times
     for (_, mask, _), frame_id in zip(masks, ["cam1", "cam3"]):
@@ -245,6 +250,35 @@ def test_one_mask_per_served_command_with_the_source_header(
         assert (overlay.height, overlay.width, overlay.encoding) == (H, W, "rgb8")
         assert overlay.header.frame_id in ("cam1", "cam3")
     assert len(topics["/lisa/explanation"]) == 2
+    # The typed results, read back with the definitions embedded in the bag: one per command,
+    # at the same time as its mask, with per-target masks equal to the mask topic's.
+    results = topics["/lisa/segmentation"]
+    assert [t for t, _, _ in results] == [t for t, _, _ in masks]
+    assert [r.command for _, r, _ in results] == ["find the red ball", "the blue box"]
+    assert [r.command_id for _, r, _ in results] == [1, 2]
+    for (_, result, _), (_, mask, _) in zip(results, masks):
+        assert result.error == "" and result.error_code == "" and result.found
+        assert result.header.frame_id == mask.header.frame_id
+        (target,) = result.targets
+        assert target.index == 0 and not target.position_valid
+        np.testing.assert_array_equal(target.mask.data, mask.data)
+        assert target.area == int(np.count_nonzero(mask.data))
+
+
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_failed_and_cancelled_commands_are_typed_results_in_the_bag(
+    tmp_path: Path, storage: str
+) -> None:
+    images, _ = frames("rgb8", n=2)  # frames at 0.0 and 0.2 s
+    cmds = commands((0.1, ""), (1.5, "too late for any frame"), (1.6, "stop"))
+    bag = write_bag(tmp_path / "in", storage, images + cmds)
+    replay_to_bag(options(bag, tmp_path / "out"), FakeSegmenter())
+    results = [r for _, r, _ in read_bag(tmp_path / "out")["/lisa/segmentation"]]
+    by_text = {r.command: r for r in results}
+    assert by_text[""].error_code == "rejected" and "command is empty" in by_text[""].error
+    assert by_text["too late for any frame"].error_code == "cancelled"
+    assert by_text["stop"].error == "" and by_text["stop"].answer.startswith("stopped:")
+    assert sorted(r.command_id for r in results) == [1, 2, 3]
 
 
 def test_rgb8_mask_is_the_models_answer_on_the_recorded_pixels(
