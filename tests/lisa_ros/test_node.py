@@ -34,7 +34,7 @@ from sensor_msgs.msg import CompressedImage  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
 from lisa_ros.conversion import MASK_PNG_FORMAT  # noqa: E402
-from lisa_ros.node import LisaNode  # noqa: E402
+from lisa_ros.node import LOG_THROTTLE_SECONDS, LisaNode  # noqa: E402
 from tests.lisa_ros.node_harness import (  # noqa: E402
     TINY,
     FrameStream,
@@ -153,6 +153,7 @@ def test_bad_frames_and_commands_are_reported_and_node_keeps_serving(main) -> No
     stats0 = node.pipeline.stats()
     n_expl = len(probe.explanations)
     rgb = ramp_image(seed=5)
+    first_report = time.monotonic()
     probe.frame(image_msg(H, W, "foo8", rgb.tobytes(), 3 * W), "bad_encoding")
     probe.wait_text(
         n_expl, r"^failed: bad image on /lisa_main/image: unsupported image encoding 'foo8'"
@@ -178,7 +179,11 @@ def test_bad_frames_and_commands_are_reported_and_node_keeps_serving(main) -> No
     ids = [int(re.match(r"^\[(\d+)\]", t).group(1)) for t in rejected]
     assert ids == sorted(set(ids)), rejected  # every command has its own id
     time.sleep(0.3)
-    assert sum("unsupported image encoding" in t for t in probe.texts()[n_expl:]) == 1
+    # Once per LOG_THROTTLE_SECONDS: one report, plus one per throttle period that this test
+    # took on a loaded host (a bound that holds however slowly the frames were delivered).
+    periods = int((time.monotonic() - first_report) / LOG_THROTTLE_SECONDS)
+    reports = sum("unsupported image encoding" in t for t in probe.texts()[n_expl:])
+    assert 1 <= reports <= 1 + periods, (reports, periods)
     stats = node.pipeline.stats()
     assert stats.commands_rejected - stats0.commands_rejected == 3
     assert stats.frames_received == stats0.frames_received  # no bad frame got in
