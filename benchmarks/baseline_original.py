@@ -1,6 +1,6 @@
 """The original LISA inference, step by step, as a measurement reference (not used by the package).
 
-``chat.py`` -> ``LISAForCausalLM.evaluate`` (LISA_REFERENCE.md 3, step 10) with transformers
+``chat.py`` -> ``LISAForCausalLM.evaluate`` (model/LISA.py of the original) with transformers
 4.31's ``generate``:
 
 - greedy decoding WITHOUT a KV cache (``use_cache`` comes from the config, which is False) and

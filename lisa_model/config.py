@@ -36,7 +36,7 @@ class LisaConfig:
         raw: the dictionary as stored (LLaMA fields + LLaVA/LISA fields); written back verbatim
             by :func:`lisa_model.checkpoint.save_lisa`.
         conv_template: which chat template prompts use (``llava_v1`` for every published
-            checkpoint, including the llama-2 based 13B; see LISA_REFERENCE 3, arg defaults).
+            checkpoint, including the llama-2 based 13B: the original's chat.py default).
         image_token_index: the placeholder id of ``<image>`` in ``input_ids``.
     """
 

@@ -9,10 +9,10 @@ The DeepSpeed configuration is not a separate file: :func:`deepspeed_config` ren
 :class:`TrainConfig` (the single source of truth) and the engine writes the rendered JSON into the
 run directory for the record.
 
-Defaults are the paper's (``train_ds.py`` of the original, LISA_REFERENCE.md section 4): LoRA r 8 /
-alpha 16 / dropout 0.05 on the LLM's ``q_proj``/``v_proj``; ``lm_head``, ``embed_tokens``, the mask
-decoder and the ``[SEG]`` projector trained in full; AdamW lr 3e-4, betas (0.9, 0.95), no weight
-decay, WarmupDecayLR with 100 warm-up steps, clipping 1.0; micro-batch 2 x accumulation 10,
+Defaults are the paper's (``train_ds.py`` of the original, github.com/dvlab-research/LISA): LoRA r
+8 / alpha 16 / dropout 0.05 on the LLM's ``q_proj``/``v_proj``; ``lm_head``, ``embed_tokens``, the
+mask decoder and the ``[SEG]`` projector trained in full; AdamW lr 3e-4, betas (0.9, 0.95), no
+weight decay, WarmupDecayLR with 100 warm-up steps, clipping 1.0; micro-batch 2 x accumulation 10,
 10 epochs x 500 steps; loss weights CE 1.0, BCE 2.0, Dice 0.5; ZeRO-2.
 """
 

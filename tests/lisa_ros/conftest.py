@@ -28,7 +28,7 @@ def ros() -> Iterator[Ros]:
     thread.start()
     harness = Ros(context, executor)
     yield harness
-    # ENVIRONMENT.md's order: executor, spin thread, nodes, context.
+    # This order (executor, spin thread, nodes, context) avoids rare aborts at exit.
     executor.shutdown()
     thread.join(10)
     for node in reversed(harness.nodes):

@@ -29,7 +29,7 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def test_paper_config_renders_the_original_deepspeed_config():
-    """LISA_REFERENCE.md 4: the DeepSpeed dict of train_ds.py (optimizer passed as client)."""
+    """The DeepSpeed dict of the original train_ds.py (optimizer passed as client)."""
     cfg = load_config(CONFIGS / "lisa_7b_paper.yaml")
     ds = deepspeed_config(cfg, "bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 2

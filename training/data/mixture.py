@@ -2,8 +2,8 @@
 
 ``DataConfig`` mirrors the original ``train_ds.py`` string options (``--dataset
 "sem_seg||refer_seg||vqa||reason_seg" --sample_rates "9,3,3,1" --sem_seg_data ...``), so a user
-points ``dataset_dir`` at the paper's layout (LISA_REFERENCE.md section 5) and gets the same data:
-a type is drawn with the sample rates, then a source within it uniformly, then an image.
+points ``dataset_dir`` at the paper's layout (the original's README, "Training data") and gets the
+same data: a type is drawn with the sample rates, then a source within it uniformly, then an image.
 """
 
 from __future__ import annotations
