@@ -63,6 +63,7 @@ setup(
             "lisa_node = lisa_ros.node:main",
             "lisa-replay = lisa_ros.replay:main",
             "lisa-make-demo-bag = lisa_ros.demo_bag:main",
+            "lisa-demo-camera = lisa_ros.demo_camera:main",
         ],
     },
     zip_safe=True,

@@ -10,6 +10,8 @@ from pathlib import Path
 from lisa_model.config import CheckpointError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "data" / "demo_model"
+#: The bundled example scenes (``scene_0.png`` ...) and their ``commands.json``.
+EXAMPLES_DIR = Path(__file__).resolve().parent / "data" / "examples"
 
 
 def demo_model_dir() -> Path:

@@ -1,9 +1,9 @@
 """What ``lisa.launch.py`` hands to ``lisa_node``, as pure functions of the launch arguments.
 
-The rule: the params file wins; a launch argument overrides it only when given. ``model:=`` and
-``device:=`` default to "" (not given), so a ``device: cpu`` in the user's YAML stays ``cpu`` on
-a GPU machine unless ``device:=cuda`` is passed. ``respawn:=true`` restarts a node that died,
-``respawn_delay`` seconds later; stopping launch stops it for good.
+The rule: the params file wins; a launch argument overrides it only when given. ``model:=``,
+``device:=`` and ``depth:=`` default to "" (not given), so a ``device: cpu`` in the user's YAML
+stays ``cpu`` on a GPU machine unless ``device:=cuda`` is passed. ``respawn:=true`` restarts a node
+that died, ``respawn_delay`` seconds later; stopping launch stops it for good.
 
 launch/launch_ros are not installable from PyPI, so the launch file only resolves its arguments
 and calls ``node_options``; the rule lives (and is tested) here.
@@ -15,23 +15,32 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-# Launch arguments that override the params file when given (non-empty).
+# Launch arguments that override the params file when given (non-empty): strings, booleans.
 OVERRIDES = ("model", "device")
+BOOL_OVERRIDES = ("depth",)
 # Every launch argument node_options reads.
-ARGUMENTS = ("params_file", *OVERRIDES, "respawn", "respawn_delay")
+ARGUMENTS = ("params_file", *OVERRIDES, *BOOL_OVERRIDES, "respawn", "respawn_delay")
 _TRUE = ("true", "1")  # what launch itself accepts as booleans (any case)
 _FALSE = ("false", "0")
 
 
-def node_parameters(params_file: str, overrides: Mapping[str, str]) -> list[str | dict[str, str]]:
+def node_parameters(
+    params_file: str, overrides: Mapping[str, str], bool_overrides: Mapping[str, str] = {}
+) -> list[str | dict[str, str | bool]]:
     """The ``parameters`` of the Node action: the params file, then the given overrides.
 
     Later entries win in ROS, so the dict of overrides comes after the file, and holds only the
-    overrides whose value is not empty (an empty launch argument means "not given").
+    overrides whose value is not empty (an empty launch argument means "not given");
+    ``bool_overrides`` are turned into booleans (``depth:=true``).
     """
     if not params_file.strip():
         raise ValueError("launch argument 'params_file' is empty (a YAML parameters file)")
-    given = {name: value.strip() for name, value in overrides.items() if value.strip()}
+    given: dict[str, str | bool] = {
+        name: value.strip() for name, value in overrides.items() if value.strip()
+    }
+    given.update(
+        {name: parse_bool(name, value) for name, value in bool_overrides.items() if value.strip()}
+    )
     return [params_file, given] if given else [params_file]
 
 
@@ -64,7 +73,9 @@ def node_options(arguments: Mapping[str, str]) -> dict[str, Any]:
         raise ValueError(f"launch arguments not declared: {', '.join(missing)}")
     return {
         "parameters": node_parameters(
-            arguments["params_file"], {name: arguments[name] for name in OVERRIDES}
+            arguments["params_file"],
+            {name: arguments[name] for name in OVERRIDES},
+            {name: arguments[name] for name in BOOL_OVERRIDES},
         ),
         "respawn": parse_bool("respawn", arguments["respawn"]),
         "respawn_delay": parse_seconds("respawn_delay", arguments["respawn_delay"]),

@@ -21,8 +21,7 @@ from lisa_model.cli.common import (
     read_rgb_image,
     run_cli,
 )
-
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "examples"
+from lisa_model.demo import EXAMPLES_DIR
 
 
 @dataclass

@@ -16,7 +16,7 @@ import rclpy  # noqa: E402
 from rclpy.context import Context  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 
-from tests.lisa_ros.node_harness import TINY, Ros  # noqa: E402
+from tests.lisa_ros.node_harness import TINY, NodeProcess, Ros  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +41,17 @@ def shared_model() -> Any:
     from lisa_model.checkpoint import load_lisa
 
     return load_lisa(TINY, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def spawn() -> Iterator:
+    procs: list[NodeProcess] = []
+
+    def start(args: list[str], namespace: str, params: list[str] | None = None) -> NodeProcess:
+        proc = NodeProcess(args, namespace, params)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()

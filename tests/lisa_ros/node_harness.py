@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ TINY = REPO / "tests" / "fixtures" / "lisa_reference" / "lisa-tiny"
 H, W = 48, 64  # functional-test frames; the flood uses 480 x 640
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 OUTPUTS = ("mask", "mask/compressed", "overlay", "explanation")
+START_SECONDS = 120.0  # generous: a loaded CI machine starts Python + torch slowly
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -283,3 +285,50 @@ class FrameStream:
             self.probe.frame(self.make(i), f"f{i}")
             self.sent.append(time.monotonic())
             self._stop.wait(max(0.0, start + (i + 1) / self.hz - time.monotonic()))
+
+
+class NodeProcess:
+    """A node process whose output is collected line by line."""
+
+    def __init__(self, args: list[str], namespace: str, params: list[str] | None = None) -> None:
+        """``args`` then ``--ros-args``: each of ``params`` (default: the tiny checkpoint as the
+        model) as ``-p``, and the namespace."""
+        self.namespace = namespace
+        params = [f"model:={TINY}"] if params is None else params
+        ros = [a for p in params for a in ("-p", p)]
+        args = [*args, "--ros-args", *ros, "-r", f"__ns:={namespace}"]
+        self.proc = subprocess.Popen(
+            args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, seconds: float = START_SECONDS) -> None:
+        deadline = time.monotonic() + seconds
+        while not any(text in line for line in self.lines):
+            assert self.proc.poll() is None, f"exited before {text!r}:\n{self.output}"
+            assert time.monotonic() < deadline, f"no {text!r} within {seconds} s:\n{self.output}"
+            time.sleep(0.05)
+
+    def exit_code_within(self, seconds: float) -> int:
+        try:
+            return self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            message = f"still running {seconds} s after the stop request:\n{self.output}"
+            raise AssertionError(message) from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)

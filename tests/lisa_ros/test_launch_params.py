@@ -33,6 +33,7 @@ DEFAULTS = {
     "params_file": "/share/lisa_ros/config/lisa_params.yaml",
     "model": "",
     "device": "",
+    "depth": "",
     "respawn": "false",
     "respawn_delay": "2.0",
 }
@@ -64,14 +65,16 @@ def test_node_options_from_the_launch_defaults() -> None:
         "respawn": False,
         "respawn_delay": 2.0,
     }
-    given = {**DEFAULTS, "device": "cpu", "respawn": "True", "respawn_delay": "0"}
+    given = {**DEFAULTS, "device": "cpu", "depth": "True", "respawn": "True", "respawn_delay": "0"}
     assert node_options({**given, "namespace": "/robot"}) == {
-        "parameters": [DEFAULTS["params_file"], {"device": "cpu"}],
+        "parameters": [DEFAULTS["params_file"], {"device": "cpu", "depth": True}],
         "respawn": True,
         "respawn_delay": 0.0,
     }
     with pytest.raises(ValueError, match="launch arguments not declared: respawn, respawn_delay"):
-        node_options({"params_file": "/p.yaml", "model": "", "device": ""})
+        node_options({"params_file": "/p.yaml", "model": "", "device": "", "depth": ""})
+    with pytest.raises(ValueError, match="launch argument 'depth': expected true or false"):
+        node_options({**DEFAULTS, "depth": "yes please"})
 
 
 BOOLS = [("true", True), ("TRUE", True), ("1", True), ("false", False), ("False", False)]

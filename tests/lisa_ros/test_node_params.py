@@ -350,9 +350,12 @@ LAUNCH_ARGUMENTS = {
     "params_file": None,  # a substitution: the package's config/lisa_params.yaml
     "model": "",
     "device": "",
+    "depth": "",
     "namespace": "",
     "image_topic": "image",
     "command_topic": "command",
+    "depth_topic": "depth",
+    "camera_info_topic": "camera_info",
     "respawn": "false",
     "respawn_delay": "2.0",
     "sigterm_timeout": "10",
@@ -376,7 +379,7 @@ def test_launch_file_declares_its_arguments_and_holds_no_logic() -> None:
     assert ast.literal_eval(kwargs["package"]) == "lisa_ros"
     assert ast.literal_eval(kwargs["executable"]) == "lisa_node"
     remapped = {ast.literal_eval(t.elts[0]) for t in kwargs["remappings"].elts}
-    assert remapped == {"image", "command"}
+    assert remapped == {"image", "command", "depth", "camera_info"}
     assert ast.unparse(kwargs[None]) == "node_options(context.launch_configurations)"
     (share,) = _calls(tree, "PathJoinSubstitution")
     assert ast.unparse(share) == (
@@ -452,8 +455,8 @@ def test_launch_file_builds_the_node_from_the_resolved_arguments(monkeypatch) ->
     assert node["sigterm_timeout"].args == ("sigterm_timeout",)
     assert node["sigkill_timeout"].args == ("sigkill_timeout",)
     assert node["namespace"].args == ("namespace",)
-    node = node_for(device="cuda", respawn="true", respawn_delay="0.5")
-    assert node["parameters"] == ["/share/lisa_params.yaml", {"device": "cuda"}]
+    node = node_for(device="cuda", depth="true", respawn="true", respawn_delay="0.5")
+    assert node["parameters"] == ["/share/lisa_params.yaml", {"device": "cuda", "depth": True}]
     assert (node["respawn"], node["respawn_delay"]) == (True, 0.5)
     with pytest.raises(ValueError, match="launch argument 'respawn'"):
         node_for(respawn="sometimes")

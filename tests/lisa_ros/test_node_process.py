@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,63 +25,6 @@ pytestmark = pytest.mark.ros
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "lisa_reference" / "lisa-tiny"
 SLOW_NODE = Path(__file__).with_name("slow_node.py")
-START_SECONDS = 120.0  # generous: a loaded CI machine starts Python + torch slowly
-
-
-class NodeProcess:
-    """A node process whose output is collected line by line."""
-
-    def __init__(self, args: list[str], namespace: str) -> None:
-        self.namespace = namespace
-        args = [*args, "--ros-args", "-p", f"model:={TINY}", "-r", f"__ns:={namespace}"]
-        self.proc = subprocess.Popen(
-            args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, text: str, seconds: float = START_SECONDS) -> None:
-        deadline = time.monotonic() + seconds
-        while not any(text in line for line in self.lines):
-            assert self.proc.poll() is None, f"exited before {text!r}:\n{self.output}"
-            assert time.monotonic() < deadline, f"no {text!r} within {seconds} s:\n{self.output}"
-            time.sleep(0.05)
-
-    def exit_code_within(self, seconds: float) -> int:
-        try:
-            return self.proc.wait(seconds)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {seconds} s after the stop request:\n{self.output}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-
-
-@pytest.fixture
-def spawn() -> Iterator:
-    procs: list[NodeProcess] = []
-
-    def start(args: list[str], namespace: str) -> NodeProcess:
-        proc = NodeProcess(args, namespace)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
