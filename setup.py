@@ -61,6 +61,7 @@ setup(
             "lisa-make-shapes = training.shapes:main",
             "lisa-demo = lisa_model.cli.demo:main",
             "lisa_node = lisa_ros.node:main",
+            "text_relay = lisa_ros.text_relay:main",
             "lisa-replay = lisa_ros.replay:main",
             "lisa-make-demo-bag = lisa_ros.demo_bag:main",
             "lisa-demo-camera = lisa_ros.demo_camera:main",

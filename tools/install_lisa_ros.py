@@ -10,7 +10,8 @@ the venv, as colcon would to ``install/lisa_ros``:
 - ``share/ament_index/resource_index/packages/lisa_ros`` (empty marker file);
 - ``share/lisa_ros/package.xml``, ``share/lisa_ros/launch``, ``share/lisa_ros/config``: links to
   the repository's, so that edits take effect at once, like the editable Python install;
-- ``lib/lisa_ros/lisa_node``: a script running ``lisa_ros.node:main`` with the venv's Python.
+- ``lib/lisa_ros/lisa_node`` and ``lib/lisa_ros/text_relay``: scripts running their modules'
+  ``main`` with the venv's Python.
 
 Running it again replaces the same files; nothing else in the prefix is touched.
 """
@@ -28,7 +29,10 @@ from lisa_model.cli.common import UserError, run_cli
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "lisa_ros"
 SHARED = ("package.xml", "launch", "config")  # linked into share/lisa_ros
-EXECUTABLES = {"lisa_node": "lisa_ros.node"}  # lib/lisa_ros/<name> runs <module>:main
+EXECUTABLES = {  # lib/lisa_ros/<name> runs <module>:main
+    "lisa_node": "lisa_ros.node",
+    "text_relay": "lisa_ros.text_relay",
+}
 
 
 def executable_script(python: Path, module: str) -> str:
