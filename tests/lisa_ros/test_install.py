@@ -120,6 +120,7 @@ def test_install_lisa_ros_into_a_fresh_prefix_is_repeatable(tmp_path: Path) -> N
     rel = sorted(str(p.relative_to(prefix)) for p in written)
     assert rel == [
         "lib/lisa_ros/lisa_node",
+        "lib/lisa_ros/text_relay",
         "share/ament_index/resource_index/packages/lisa_ros",
         "share/lisa_ros/config",
         "share/lisa_ros/launch",
@@ -133,6 +134,8 @@ def test_install_lisa_ros_into_a_fresh_prefix_is_repeatable(tmp_path: Path) -> N
     text = node.read_text()
     assert text.startswith(f"#!{sys.executable}\n") and "from lisa_ros.node import main" in text
     compile(text, str(node), "exec")
+    relay = (prefix / "lib" / "lisa_ros" / "text_relay").read_text()
+    assert "from lisa_ros.text_relay import main" in relay
 
 
 def test_install_lisa_ros_names_a_bad_prefix_or_repo(tmp_path: Path, capsys) -> None:
