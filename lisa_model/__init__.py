@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "LisaModel",
     "LisaPredictor",
+    "QueryTooLongError",
     "SegmentationResult",
     "load_lisa",
     "save_lisa",
@@ -20,6 +21,7 @@ __all__ = [
 _EXPORTS = {
     "LisaModel": "lisa_model.modeling",
     "LisaPredictor": "lisa_model.predictor",
+    "QueryTooLongError": "lisa_model.predictor",
     "SegmentationResult": "lisa_model.types",
     "load_lisa": "lisa_model.checkpoint",
     "save_lisa": "lisa_model.checkpoint",
