@@ -21,12 +21,13 @@ self-contained checkpoints), or an explicit override.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from lisa_model.config import CheckpointError, LisaConfig
+from lisa_model.file_modes import follow_umask
 from lisa_model.modeling import LisaModel, build_mm_projector, build_seg_projector
 from lisa_model.options import parse_dtype
 from lisa_model.sam import build_sam, infer_sam_geometry
@@ -178,29 +180,69 @@ def _unpickler_refusal(exc: BaseException) -> str:
     return found.group(1).strip() if found else _first_sentence(exc)
 
 
+def load_torch_file(
+    file: str | os.PathLike[str], safe_globals: Sequence[Any] = (), what: str = "weights"
+) -> Any:
+    """``torch.load(file, weights_only=True)`` (memory-mapped when the file is a zip), so that
+    no code stored in the file runs; ``safe_globals`` are the few classes the file may hold
+    besides tensors and plain containers (e.g. DeepSpeed's optimizer state).
+
+    Raises:
+        CheckpointError: naming ``file``: missing, unreadable, empty, truncated or corrupt, or
+            holding pickled objects that are not allowed (nothing from the file runs).
+    """
+    file = Path(file)
+    magic = _file_head(file, what)
+    is_zip = magic == b"PK\x03\x04"
+    try:
+        allowed = (
+            torch.serialization.safe_globals(list(safe_globals))
+            if safe_globals
+            else contextlib.nullcontext()
+        )
+        with allowed:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{file}: holds pickled objects other than {what} ({_unpickler_refusal(exc)}); "
+            "not loaded, as loading would run code from the file"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError...
+        kind = "zip archive" if is_zip else "file"
+        raise CheckpointError(
+            f"{file}: truncated or corrupt PyTorch {what} {kind} "
+            f"({type(exc).__name__}: {_first_sentence(exc)})"
+        ) from None
+
+
+def _file_head(file: Path, what: str) -> bytes:
+    """The first bytes of ``file``; :class:`CheckpointError` if it is missing, unreadable or
+    empty."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    if not head:
+        raise CheckpointError(f"{file}: empty file; expected {what}")
+    return head
+
+
 def read_weight_file(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of one weight file: ``.safetensors``, or a ``torch.save`` file (``.bin``,
-    ``.pth``) read with ``torch.load(weights_only=True)`` (memory-mapped when it is a zip file),
-    so that no code stored in the file runs.
+    ``.pth``) read by :func:`load_torch_file`.
 
     Raises:
         CheckpointError: naming ``file``: missing, unreadable, empty, truncated or corrupt, or
             holding pickled objects other than tensors and plain containers.
     """
     file = Path(file)
-    try:
-        size = file.stat().st_size
-        with file.open("rb") as f:
-            magic = f.read(4)
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: missing") from None
-    except OSError as exc:
-        raise CheckpointError(f"{file}: cannot be read ({exc.strerror or exc})") from None
-    if size == 0:
-        raise CheckpointError(f"{file}: empty file; expected weights")
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        _file_head(file, "weights")
         try:
             state = load_file(str(file))
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
@@ -208,21 +250,7 @@ def read_weight_file(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 f"{file}: truncated or corrupt safetensors file ({_first_sentence(exc)})"
             ) from None
     else:
-        is_zip = magic == b"PK\x03\x04"
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
-        except pickle.UnpicklingError as exc:
-            what = _unpickler_refusal(exc)
-            raise CheckpointError(
-                f"{file}: holds pickled objects other than tensors ({what}); not loaded, "
-                "as loading would run code from the file"
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError...
-            kind = "zip archive" if is_zip else "file"
-            raise CheckpointError(
-                f"{file}: truncated or corrupt PyTorch weights {kind} "
-                f"({type(exc).__name__}: {_first_sentence(exc)})"
-            ) from None
+        state = load_torch_file(file, what="tensors")
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -606,6 +634,7 @@ def save_lisa(
             from safetensors.torch import save_file
 
             save_file(shard, str(directory / name), metadata={"format": "pt"})
+            follow_umask(directory / name)  # safetensors writes 0600
         else:
             torch.save(shard, directory / name)
         weight_map.update(dict.fromkeys(shard, name))
@@ -637,3 +666,4 @@ def save_vision_tower(tower: nn.Module, directory: Path) -> None:
     tower.config.to_json_file(directory / "config.json")
     state = {k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    follow_umask(directory / "model.safetensors")  # safetensors writes 0600

@@ -40,6 +40,7 @@ from torch import nn
 
 from lisa_model.metrics import IGNORE_INDEX, SegMetrics
 from lisa_model.modeling import LisaModel
+from training.checkpoint_files import check_checkpoint_files, weights_only_loads
 from training.collate import Batch, Collator
 from training.config import (
     TrainConfig,
@@ -586,13 +587,15 @@ class Trainer:
                 f"{ckpt_dir}: cannot resume: the config differs from the run's in "
                 f"{sorted(differ)} (these keys define the model's parameters)"
             )
-        load_path, client = self.engine.load_checkpoint(
-            str(ckpt_dir),
-            tag=tag,
-            load_module_strict=False,  # frozen parameters are not in the checkpoint
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        check_checkpoint_files(ckpt_dir / tag)  # no code from the files runs (names a bad one)
+        with weights_only_loads():
+            load_path, client = self.engine.load_checkpoint(
+                str(ckpt_dir),
+                tag=tag,
+                load_module_strict=False,  # frozen parameters are not in the checkpoint
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
         if load_path is None or not client:
             raise FileNotFoundError(f"{ckpt_dir / tag}: DeepSpeed found no checkpoint to load")
         if client.get("world_size") != self.ctx.world_size:

@@ -14,6 +14,7 @@ Masks come from the annotation's COCO polygons or RLE; multi-part masks are merg
 
 from __future__ import annotations
 
+import builtins
 import pickle
 import warnings
 from collections.abc import Sequence
@@ -111,16 +112,53 @@ def _split_matches(ref_split: str, split: str) -> bool:
     return ref_split == split
 
 
-def _load_refs(path: Path) -> list[dict]:
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads plain data only: containers and scalars, which pickle stores without naming any
+    class or function. Every other global (``os.system``, a class to rebuild) is refused, so
+    no code stored in the file runs (the ``pickle`` documentation's "Restricting Globals")."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in ("set", "frozenset"):  # plain containers too
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused persistent id")
+
+
+def read_plain_pickle(path: Path) -> Any:
+    """The content of a pickle holding only dicts, lists, tuples, sets, strings, bytes, numbers,
+    booleans and ``None`` (Python 2 pickles included, as the REFER API wrote them).
+
+    Raises:
+        DataFileNotFoundError: the file is missing.
+        DataFormatError: naming the file: not a pickle, or one that names a class or function
+            (refused without running anything).
+    """
     require_path(path, "refs pickle")
-    try:
-        with path.open("rb") as f:
-            refs = pickle.load(f)
-    except UnicodeDecodeError:  # Python 2 pickles with non-ASCII byte strings
-        with path.open("rb") as f:
-            refs = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError) as exc:
-        raise DataFormatError(f"{path} is not a readable refs pickle: {exc}") from exc
+    last: Exception | None = None
+    for encoding in ("ASCII", "latin1"):  # Python 2 byte strings with non-ASCII bytes: latin1
+        try:
+            with path.open("rb") as f:
+                return _PlainUnpickler(f, encoding=encoding).load()
+        except UnicodeDecodeError as exc:
+            last = exc
+        except pickle.UnpicklingError as exc:
+            if str(exc).startswith("refused"):
+                raise DataFormatError(
+                    f"{path}: {exc}: a refs pickle holds only lists, dicts, strings and numbers; "
+                    "not loaded, as loading it would run code from the file"
+                ) from None
+            raise DataFormatError(f"{path} is not a readable refs pickle: {exc}") from None
+        except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise DataFormatError(
+                f"{path} is not a readable refs pickle: {type(exc).__name__}: {exc}"
+            ) from None
+    raise DataFormatError(f"{path} is not a readable refs pickle: {last}")
+
+
+def _load_refs(path: Path) -> list[dict]:
+    refs = read_plain_pickle(path)
     if not isinstance(refs, list):
         raise DataFormatError(
             f"{path}: expected a pickled list of refs, got {type(refs).__name__}"
