@@ -144,3 +144,15 @@ def test_eval_counts_not_found_on_present_and_absent_targets(
     )
     assert overall.split()[-2:] == [f"{counts['missed']}/{counts['present']}",
                                     f"{counts['false_found']}/1"]  # fmt: skip
+
+
+def test_broken_checkpoint_is_one_error_line(reason_seg_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(CKPT, broken)
+    shard = sorted(broken.glob("pytorch_model-*.bin"))[-1]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    assert main(["--model", str(broken), "--data", str(reason_seg_dir), "--out",
+                 str(tmp_path / "r.json"), "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"lisa-eval: error: --model: {shard}: truncated or corrupt")

@@ -221,3 +221,19 @@ def test_export_follows_the_umask(trained, tmp_path, umask):
     for path in paths:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_broken_source_checkpoint_is_one_error_line(trained, tmp_path, capsys):
+    """The export rebuilds the model from run.json's model.source: a truncated weights file
+    there is named."""
+    run, _ = _copy_run(trained, tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    source = tmp_path / "source"
+    shutil.copytree(record["config"]["model"]["source"], source)
+    weights = source / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    record["config"]["model"]["source"] = str(source)
+    (run / "run.json").write_text(json.dumps(record))
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"lisa-export: error: {weights}: truncated")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import builtins
 import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from training.data.types import (
     check_counts,
     check_image_size,
     check_index,
+    image_size,
     item_rng,
     read_image,
     read_json,
@@ -101,6 +102,37 @@ def segmentation_to_mask(seg: Any, height: int, width: int, where: str) -> np.nd
             f"is {width}x{height}"
         )
     return (decoded.reshape(height, width, -1).sum(axis=2) > 0).astype(np.uint8)
+
+
+def check_segmentation(seg: Any, height: int, width: int, where: str) -> None:
+    """Check a COCO ``segmentation`` without decoding it: polygons are lists of at least three
+    ``x, y`` number pairs, an RLE has ``counts`` and a ``size`` of ``[height, width]``.
+
+    Raises:
+        DataFormatError: naming ``where`` and what is wrong.
+    """
+    if seg is None or (isinstance(seg, list) and not seg):
+        return
+    parts = seg if isinstance(seg, list) else [seg]
+    for part in parts:
+        if isinstance(part, dict):
+            if "counts" not in part or "size" not in part:
+                raise DataFormatError(f"{where}: expected an RLE object with 'counts' and 'size'")
+            if list(part["size"]) != [height, width]:
+                raise DataFormatError(
+                    f"{where}: the mask is {part['size'][1]}x{part['size'][0]} (WxH) but the "
+                    f"image is {width}x{height}"
+                )
+        elif not (
+            isinstance(part, list)
+            and len(part) >= 6
+            and len(part) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part)
+        ):
+            raise DataFormatError(
+                f"{where}: segmentation must be polygons (lists of x, y numbers) or RLEs, "
+                f"got {str(part)[:80]}"
+            )
 
 
 def _split_matches(ref_split: str, split: str) -> bool:
@@ -224,6 +256,49 @@ class ReferData:
     def image_path(self, image_id: int) -> Path:
         return self.image_root / self.images[image_id]["file_name"]
 
+    def check_entries(self) -> Iterator[int]:
+        """Check every image of the split without decoding masks: the image's header gives the
+        size instances.json says, its refs have sentences, their annotations exist and have
+        well-formed segmentations of that size. Yields each image id once checked.
+
+        Raises:
+            DataFileNotFoundError / DataFormatError: naming the file and the image, ref or
+                annotation at fault.
+        """
+        instances = self.root / self.dataset / "instances.json"
+        for image_id in self.image_ids:
+            info = self.images[image_id]
+            try:
+                h, w = int(info["height"]), int(info["width"])
+                path = self.image_path(image_id)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise DataFormatError(
+                    f"{instances}: image {image_id} needs file_name, height and width ({exc})"
+                ) from None
+            if image_size(path, f"{self.dataset} image") != (h, w):
+                actual = image_size(path)
+                raise DataFormatError(
+                    f"image {path} is {actual[1]}x{actual[0]} (WxH) but {instances} says "
+                    f"{w}x{h} for image {image_id}"
+                )
+            _, ann_ids = self.sentences(image_id)
+            flat = [a for ids in ann_ids for a in (ids if isinstance(ids, list) else [ids])]
+            for ann_id in dict.fromkeys(flat):
+                if ann_id == -1:  # gRefCOCO "no target"
+                    continue
+                try:
+                    ann = self.anns.get(int(ann_id))
+                except (TypeError, ValueError):
+                    ann = None
+                if ann is None:
+                    raise DataFormatError(
+                        f"{self.refs_path}: annotation id {ann_id} (image {image_id}) is not in "
+                        f"{instances}"
+                    )
+                where = f"{instances} annotation {ann_id}"
+                check_segmentation(ann.get("segmentation"), h, w, where)
+            yield image_id
+
     def sentences(self, image_id: int) -> tuple[list[str], list[Any]]:
         """All ``(sentences, ann ids)`` of the image's refs, in ref order."""
         sents, ann_ids = [], []
@@ -305,6 +380,10 @@ class ReferSegDataset:
     def __len__(self) -> int:
         return self.samples_per_epoch or len(self.data.image_ids)
 
+    def check_entries(self) -> Iterator[int]:
+        """:meth:`ReferData.check_entries` of this split."""
+        return self.data.check_entries()
+
     def set_epoch(self, epoch: int) -> None:
         """Mix ``epoch`` into the per-item generators (fresh draws every epoch)."""
         self.epoch = int(epoch)
@@ -362,6 +441,10 @@ class ReferSegValDataset:
 
     def __len__(self) -> int:
         return len(self.data.image_ids)
+
+    def check_entries(self) -> Iterator[int]:
+        """:meth:`ReferData.check_entries` of this split."""
+        return self.data.check_entries()
 
     def __getitem__(self, idx: int) -> Sample:
         i = check_index(idx, len(self), f"ReferSegValDataset({self.source})")
