@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lisa_model.config import CheckpointError, LisaConfig
+from lisa_model.config import CheckpointError, LisaConfig, read_json_object
 from lisa_model.file_modes import follow_umask
 from lisa_model.modeling import LisaModel, build_mm_projector, build_seg_projector
 from lisa_model.options import parse_dtype
@@ -316,16 +316,7 @@ def load_vision_tower(name: str, dtype: torch.dtype) -> nn.Module:
 def _probe_tower_files(directory: Path) -> None:
     """Cheap checks of a local CLIP tower's ``config.json`` and safetensors header, since
     transformers' errors for a broken file do not name it."""
-    config = directory / "config.json"
-    try:
-        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
-            raise CheckpointError(f"{config}: expected a JSON object")
-    except FileNotFoundError:
-        raise CheckpointError(f"{config}: missing (a CLIP vision tower's config)") from None
-    except OSError as exc:
-        raise CheckpointError(f"{config}: cannot be read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config}: not valid JSON ({exc})") from None
+    read_json_object(directory / "config.json", "missing (a CLIP vision tower's config)")
     weights = directory / "model.safetensors"
     if weights.is_file():
         from safetensors import safe_open

@@ -50,6 +50,22 @@ class CheckpointError(ValueError):
         super().__init__(" ".join(line.strip() for line in str(message).splitlines()).strip())
 
 
+def read_json_object(path: Path, if_missing: str) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`CheckpointError` naming it (``if_missing`` says what
+    a missing file means)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {if_missing}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return raw
+
+
 @dataclass
 class LisaConfig:
     """Typed view over a LISA ``config.json``.
@@ -103,16 +119,7 @@ class LisaConfig:
     def from_json_file(cls, path: str | Path, **kwargs: Any) -> LisaConfig:
         """Read ``config.json``; :class:`CheckpointError` naming ``path`` and what is wrong."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no config.json; expected a LISA checkpoint") from None
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
+        raw = read_json_object(path, "no config.json; expected a LISA checkpoint")
         try:
             return cls(raw=raw, **kwargs)
         except CheckpointError as exc:

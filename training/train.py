@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lisa-train: error: {exc}", file=sys.stderr)
         return 2
 
-    import torch.distributed as dist
+    import deepspeed.comm as ds_dist
 
     try:
         result = trainer.fit(max_steps=args.max_steps)
@@ -139,8 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if ds_dist.is_initialized():  # DeepSpeed's, which also drops its cached groups, so
+            ds_dist.destroy_process_group()  # a later run in this process can start again
     if trainer.ctx.is_main:
         best = "n/a" if result.best_giou is None else f"{result.best_giou:.4f}"
         bad = f"{result.bad_samples} bad samples skipped"

@@ -135,6 +135,31 @@ def check_segmentation(seg: Any, height: int, width: int, where: str) -> None:
             )
 
 
+def check_coco_image(
+    info: dict, image_id: int, image_root: Path, ann_file: Path, source: str
+) -> tuple[int, int]:
+    """``(H, W)`` of a COCO image record of ``ann_file``, checked against the header of its
+    file under ``image_root``.
+
+    Raises:
+        DataFileNotFoundError / DataFormatError: naming the image file or ``ann_file``.
+    """
+    try:
+        h, w = int(info["height"]), int(info["width"])
+        path = image_root / info["file_name"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataFormatError(
+            f"{ann_file}: image {image_id} needs file_name, height and width ({exc})"
+        ) from None
+    actual = image_size(path, f"{source} image")
+    if actual != (h, w):
+        raise DataFormatError(
+            f"image {path} is {actual[1]}x{actual[0]} (WxH) but {ann_file} says {w}x{h} for "
+            f"image {image_id}"
+        )
+    return h, w
+
+
 def _split_matches(ref_split: str, split: str) -> bool:
     """The REFER API's split filter (``testA`` also matches ``testAB``, ``test`` any test)."""
     if split in ("testA", "testB", "testC"):
@@ -267,20 +292,9 @@ class ReferData:
         """
         instances = self.root / self.dataset / "instances.json"
         for image_id in self.image_ids:
-            info = self.images[image_id]
-            try:
-                h, w = int(info["height"]), int(info["width"])
-                path = self.image_path(image_id)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DataFormatError(
-                    f"{instances}: image {image_id} needs file_name, height and width ({exc})"
-                ) from None
-            if image_size(path, f"{self.dataset} image") != (h, w):
-                actual = image_size(path)
-                raise DataFormatError(
-                    f"image {path} is {actual[1]}x{actual[0]} (WxH) but {instances} says "
-                    f"{w}x{h} for image {image_id}"
-                )
+            h, w = check_coco_image(
+                self.images[image_id], image_id, self.image_root, instances, self.dataset
+            )
             _, ann_ids = self.sentences(image_id)
             flat = [a for ids in ann_ids for a in (ids if isinstance(ids, list) else [ids])]
             for ann_id in dict.fromkeys(flat):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lisa_model.prompts import ANSWER_LIST, SHORT_QUESTION_LIST
-from training.data.refer_seg import check_segmentation, segmentation_to_mask
+from training.data.refer_seg import check_coco_image, check_segmentation, segmentation_to_mask
 from training.data.types import (
     IGNORE_LABEL,
     DataFormatError,
@@ -220,20 +220,9 @@ class _CocoPartSource:
         """Check every image (header size as the annotations say) and the segmentations of its
         annotations (well-formed, of that size), without decoding. Yields each image id."""
         for image_id in self.image_ids:
-            info = self.images[image_id]
-            try:
-                h, w = int(info["height"]), int(info["width"])
-                image_path = self.image_root / info["file_name"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise DataFormatError(
-                    f"{self.ann_path}: image {image_id} needs file_name, height and width ({exc})"
-                ) from None
-            if image_size(image_path, f"{self.name} image") != (h, w):
-                actual = image_size(image_path)
-                raise DataFormatError(
-                    f"image {image_path} is {actual[1]}x{actual[0]} (WxH) but {self.ann_path} "
-                    f"says {w}x{h} for image {image_id}"
-                )
+            h, w = check_coco_image(
+                self.images[image_id], image_id, self.image_root, self.ann_path, self.name
+            )
             for ann in self.img_anns[image_id]:
                 where = f"{self.ann_path} annotation {ann.get('id')}"
                 check_segmentation(ann.get("segmentation"), h, w, where)
