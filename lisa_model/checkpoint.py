@@ -21,11 +21,13 @@ self-contained checkpoints), or an explicit override.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lisa_model.config import CheckpointError, LisaConfig
+from lisa_model.config import CheckpointError, LisaConfig, read_json_object
+from lisa_model.file_modes import follow_umask
 from lisa_model.modeling import LisaModel, build_mm_projector, build_seg_projector
 from lisa_model.options import parse_dtype
 from lisa_model.sam import build_sam, infer_sam_geometry
@@ -124,9 +127,21 @@ def weight_files(directory: Path) -> list[Path]:
         index = directory / name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: malformed weight index ({exc})") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except OSError as exc:
+                raise CheckpointError(f"{index}: cannot be read ({exc.strerror or exc})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(
+                    f"{index}: malformed weight index ({type(exc).__name__}: {exc}); expected "
+                    '{"weight_map": {tensor name: shard file}}'
+                ) from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise CheckpointError(
+                    f"{index}: malformed weight index; 'weight_map' must map tensor names to "
+                    "shard file names"
+                )
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (directory / f).is_file()]
             if missing:
@@ -139,20 +154,119 @@ def weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no weights (expected {expected})")
 
 
-def iter_state_dict(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of all shards; ``.bin`` through ``torch.load(weights_only=True, mmap=True)``."""
-    for file in files:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def weights_label(directory: Path, files: list[Path]) -> Path:
+    """What names a checkpoint's weights in messages: the index of a sharded checkpoint, else
+    its one weight file."""
+    for name in WEIGHT_INDEX_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    return files[0] if len(files) == 1 else directory
 
-            shard = load_file(str(file))
-        else:
-            try:
-                shard = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-                shard = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"{file}: cannot read weights ({exc})") from None
+
+def _first_sentence(exc: BaseException, limit: int = 160) -> str:
+    """A foreign error message cut to its first line and sentence (torch's run to paragraphs)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unpickler_refusal(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, from its long message."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"refused global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return found.group(1).strip() if found else _first_sentence(exc)
+
+
+def load_torch_file(
+    file: str | os.PathLike[str], safe_globals: Sequence[Any] = (), what: str = "weights"
+) -> Any:
+    """``torch.load(file, weights_only=True)`` (memory-mapped when the file is a zip), so that
+    no code stored in the file runs; ``safe_globals`` are the few classes the file may hold
+    besides tensors and plain containers (e.g. DeepSpeed's optimizer state).
+
+    Raises:
+        CheckpointError: naming ``file``: missing, unreadable, empty, truncated or corrupt, or
+            holding pickled objects that are not allowed (nothing from the file runs).
+    """
+    file = Path(file)
+    magic = _file_head(file, what)
+    is_zip = magic == b"PK\x03\x04"
+    try:
+        allowed = (
+            torch.serialization.safe_globals(list(safe_globals))
+            if safe_globals
+            else contextlib.nullcontext()
+        )
+        with allowed:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{file}: holds pickled objects other than {what} ({_unpickler_refusal(exc)}); "
+            "not loaded, as loading would run code from the file"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/KeyError...
+        kind = "zip archive" if is_zip else "file"
+        raise CheckpointError(
+            f"{file}: truncated or corrupt PyTorch {what} {kind} "
+            f"({type(exc).__name__}: {_first_sentence(exc)})"
+        ) from None
+
+
+def _file_head(file: Path, what: str) -> bytes:
+    """The first bytes of ``file``; :class:`CheckpointError` if it is missing, unreadable or
+    empty."""
+    try:
+        with file.open("rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    if not head:
+        raise CheckpointError(f"{file}: empty file; expected {what}")
+    return head
+
+
+def read_weight_file(file: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file: ``.safetensors``, or a ``torch.save`` file (``.bin``,
+    ``.pth``) read by :func:`load_torch_file`.
+
+    Raises:
+        CheckpointError: naming ``file``: missing, unreadable, empty, truncated or corrupt, or
+            holding pickled objects other than tensors and plain containers.
+    """
+    file = Path(file)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        _file_head(file, "weights")
+        try:
+            state = load_file(str(file))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            raise CheckpointError(
+                f"{file}: truncated or corrupt safetensors file ({_first_sentence(exc)})"
+            ) from None
+    else:
+        state = load_torch_file(file, what="tensors")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{file}: expected a mapping of tensor names to tensors")
+    return state
+
+
+def iter_state_dict(
+    files: list[Path], origins: dict[str, Path] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of all shards (:func:`read_weight_file`); ``origins`` (if given) is filled with
+    the file each key came from."""
+    for file in files:
+        shard = read_weight_file(file)
+        if origins is not None:
+            origins.update(dict.fromkeys(shard, file))
         yield from shard.items()
 
 
@@ -172,21 +286,56 @@ def resolve_vision_tower(config: LisaConfig, directory: Path, override: str | No
 
 
 def load_vision_tower(name: str, dtype: torch.dtype) -> nn.Module:
+    """A CLIP vision tower from a directory or hub id; :class:`CheckpointError` naming it."""
     from transformers import CLIPVisionModel
     from transformers.utils import logging as hf_logging
 
+    local = Path(name)
+    if local.is_dir():
+        _probe_tower_files(local)
     hf_logging.disable_progress_bar()
     try:
         tower = CLIPVisionModel.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
     except OSError as exc:
         raise CheckpointError(
-            f"CLIP vision tower {name!r} not found locally or in the hub cache ({exc}). "
-            "Pass vision_tower=<path to a CLIP ViT-L/14 checkpoint> or set HF_HUB_CACHE."
+            f"{name}: CLIP vision tower not found locally or in the hub cache "
+            f"({_first_sentence(exc)}); pass vision_tower=<path to a CLIP ViT-L/14 checkpoint> "
+            "or set HF_HUB_CACHE"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - transformers' many loading errors
+        raise CheckpointError(
+            f"{name}: cannot load the CLIP vision tower ({type(exc).__name__}: "
+            f"{_first_sentence(exc)})"
         ) from None
     finally:
         hf_logging.enable_progress_bar()
     tower.requires_grad_(False)
     return tower.eval()
+
+
+def _probe_tower_files(directory: Path) -> None:
+    """Cheap checks of a local CLIP tower's ``config.json`` and safetensors header, since
+    transformers' errors for a broken file do not name it."""
+    read_json_object(directory / "config.json", "missing (a CLIP vision tower's config)")
+    weights = directory / "model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            raise CheckpointError(
+                f"{weights}: truncated or corrupt safetensors file ({_first_sentence(exc)})"
+            ) from None
+
+
+def load_tokenizer(directory: Path) -> LisaTokenizer:
+    """The checkpoint's tokenizer files; :class:`CheckpointError` naming the file at fault."""
+    try:
+        return LisaTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- load
@@ -227,15 +376,18 @@ def load_lisa(
         raise ValueError(f"quantization {quantization!r}; expected None, '8bit' or '4bit'")
     if quantization and device.type != "cuda":
         raise ValueError(f"quantization {quantization!r} needs a CUDA device, got {device}")
-    tokenizer = LisaTokenizer.from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
     report = LoadReport(source=directory, vision_tower="")
 
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for key, tensor in iter_state_dict(weight_files(directory)):
+    files = weight_files(directory)
+    weights = weights_label(directory, files)
+    origins: dict[str, Path] = {}
+    for key, tensor in iter_state_dict(files, origins):
         if key.startswith("base_model.model.") or "lora_" in key:
             raise CheckpointError(
-                f"{directory}: holds LoRA/peft keys ({key}); export it first with lisa-export"
+                f"{origins[key]}: holds LoRA/peft keys ({key}); export it first with lisa-export"
             )
         reason = next((r for pattern, r in IGNORED_KEYS if pattern.match(key)), None)
         if reason:
@@ -247,7 +399,10 @@ def load_lisa(
         else:
             state[ours] = tensor
     if unexpected:
-        raise CheckpointError(f"{directory}: unexpected keys {unexpected[:8]} ({len(unexpected)})")
+        raise CheckpointError(
+            f"{weights}: unexpected keys {unexpected[:8]} ({len(unexpected)} in all), not part of "
+            "a LISA checkpoint"
+        )
 
     # Parts, built without initialising weights that the checkpoint provides.
     torch.manual_seed(seed)
@@ -255,7 +410,7 @@ def load_lisa(
     if has_sam:
         geometry = infer_sam_geometry(state, prefix="sam.")
     elif sam_checkpoint is not None:
-        sam_state = torch.load(sam_checkpoint, map_location="cpu", weights_only=True)
+        sam_state = read_weight_file(sam_checkpoint)
         geometry = infer_sam_geometry(sam_state)
         state.update({"sam." + k: v for k, v in sam_state.items()})
         report.initialised.append(f"sam from {sam_checkpoint}")
@@ -292,12 +447,19 @@ def load_lisa(
         state.update(fresh)
         report.initialised.extend(sorted({m.split(".")[0] for m in missing}))
         missing = []
+    config_file = directory / "config.json"
     if missing:
-        raise CheckpointError(f"{directory}: missing keys {missing[:8]} ({len(missing)} in all)")
+        raise CheckpointError(
+            f"{weights}: does not match {config_file}: missing keys "
+            f"{_published(missing[:3])} ({len(missing)} in all)"
+        )
     extra = sorted(set(state) - expected)
     if extra:
-        raise CheckpointError(f"{directory}: unexpected keys {extra[:8]} ({len(extra)} in all)")
-    _check_shapes(model, state, directory)
+        raise CheckpointError(
+            f"{weights}: does not match {config_file}: unexpected keys "
+            f"{_published(extra[:3])} ({len(extra)} in all)"
+        )
+    _check_shapes(model, state, origins, config_file)
     model.load_state_dict(state, strict=False, assign=True)
     model.llm.tie_weights()  # no-op unless tie_word_embeddings
 
@@ -323,14 +485,38 @@ def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.state_dict(keep_vars=True).items()
 
 
-def _check_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], where: Path) -> None:
+def _published(names: list[str]) -> list[str]:
+    """Our parameter names as the checkpoint keys a user finds in the files."""
+    out = []
+    for name in names:
+        try:
+            out.append(to_published_key(name))
+        except KeyError:
+            out.append(name)
+    return out
+
+
+def _check_shapes(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    origins: Mapping[str, Path],
+    config_file: Path,
+) -> None:
+    """:class:`CheckpointError` naming the first weight file whose tensors do not have the
+    shapes ``config.json`` gives."""
     bad = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(t.shape)}"
+        (k, tuple(state[k].shape), tuple(t.shape))
         for k, t in _named_tensors(model)
         if k in state and tuple(state[k].shape) != tuple(t.shape)
     ]
     if bad:
-        raise CheckpointError(f"{where}: shape mismatch: " + "; ".join(bad[:5]))
+        key = to_published_key(bad[0][0])
+        where = origins.get(key, config_file.parent)
+        details = "; ".join(f"{to_published_key(k)} {a} vs {b}" for k, a, b in bad[:3])
+        raise CheckpointError(
+            f"{where}: shape mismatch with {config_file} ({len(bad)} tensors, file vs config): "
+            + details
+        )
 
 
 def _init_parameters(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -439,6 +625,7 @@ def save_lisa(
             from safetensors.torch import save_file
 
             save_file(shard, str(directory / name), metadata={"format": "pt"})
+            follow_umask(directory / name)  # safetensors writes 0600
         else:
             torch.save(shard, directory / name)
         weight_map.update(dict.fromkeys(shard, name))
@@ -470,3 +657,4 @@ def save_vision_tower(tower: nn.Module, directory: Path) -> None:
     tower.config.to_json_file(directory / "config.json")
     state = {k: v.detach().cpu().contiguous() for k, v in tower.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    follow_umask(directory / "model.safetensors")  # safetensors writes 0600

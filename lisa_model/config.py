@@ -21,11 +21,49 @@ from lisa_model.prompts import IMAGE_TOKEN_INDEX, TEMPLATES
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14"
 
 #: Keys every LISA ``config.json`` has (besides the LLM's own).
-_REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
+#: Keys that must be positive integers where present.
+_POSITIVE_INT_KEYS = (
+    *_REQUIRED_KEYS,
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "mm_hidden_size",
+    "out_dim",
+)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory or file is not what a LISA checkpoint should be."""
+    """A checkpoint directory or file is not what a LISA checkpoint should be.
+
+    The message is one line that starts with the file (or directory) at fault and says what is
+    wrong with it, e.g. ``/ckpt/pytorch_model.bin: truncated or corrupt ...``; line breaks in the
+    text it is given are folded, so a log line or a CLI ``error:`` line holds all of it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(line.strip() for line in str(message).splitlines()).strip())
+
+
+def read_json_object(path: Path, if_missing: str) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`CheckpointError` naming it (``if_missing`` says what
+    a missing file means)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {if_missing}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return raw
 
 
 @dataclass
@@ -48,7 +86,19 @@ class LisaConfig:
     def __post_init__(self) -> None:
         missing = [k for k in _REQUIRED_KEYS if k not in self.raw]
         if missing:
-            raise CheckpointError(f"config.json lacks {missing}; is this a LISA/LLaVA checkpoint?")
+            raise CheckpointError(f"lacks {missing}; is this a LISA/LLaVA checkpoint?")
+        bad = {
+            k: self.raw[k]
+            for k in _POSITIVE_INT_KEYS
+            if k in self.raw
+            and not (
+                isinstance(self.raw[k], int)
+                and not isinstance(self.raw[k], bool)
+                and self.raw[k] > 0
+            )
+        }
+        if bad:
+            raise CheckpointError(f"expected positive integers, got {bad}")
         if self.conv_template not in TEMPLATES:
             raise ValueError(
                 f"conv_template {self.conv_template!r} is not one of {sorted(TEMPLATES)}"
@@ -59,21 +109,21 @@ class LisaConfig:
                 "(LISA uses 'patch': CLS dropped)"
             )
         if self.hidden_size % self.raw["num_attention_heads"]:
-            raise CheckpointError("hidden_size is not a multiple of num_attention_heads")
+            raise CheckpointError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.raw['num_attention_heads']}"
+            )
 
     # ------------------------------------------------------------------ file I/O
     @classmethod
     def from_json_file(cls, path: str | Path, **kwargs: Any) -> LisaConfig:
+        """Read ``config.json``; :class:`CheckpointError` naming ``path`` and what is wrong."""
         path = Path(path)
+        raw = read_json_object(path, "no config.json; expected a LISA checkpoint")
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no config.json; expected a LISA checkpoint") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        return cls(raw=raw, **kwargs)
+            return cls(raw=raw, **kwargs)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
 
     def to_json_file(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.raw, indent=2, sort_keys=True) + "\n")

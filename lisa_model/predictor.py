@@ -11,6 +11,11 @@ and the image tokens), so several queries on one frame pay for these once.
   This is what the original ``chat.py`` does (without its per-token recomputation).
 - ``mode="segment"``: the fast path; one teacher-forced forward of the prompt whose answer is
   ``"[SEG]."`` (as the original's validation), i.e. exactly one mask and no decoding loop.
+
+A query must fit the model's positions (``max_position_embeddings``) together with the image
+tokens, the chat template and the answer: :meth:`LisaPredictor.check_query` raises
+:class:`QueryTooLongError` (limit in tokens and an estimate in characters) before any work, and
+:meth:`LisaPredictor.query_budget` gives the limit itself (to log it, or to show it to a user).
 """
 
 from __future__ import annotations
@@ -28,14 +33,69 @@ from lisa_model.modeling import LisaModel
 from lisa_model.options import check_mode
 from lisa_model.processing import postprocess_masks, prepare_image
 from lisa_model.prompts import (
+    ANSWER_LIST,
+    EXPLANATORY_QUESTION_LIST,
     IM_END_TOKEN,
     IMAGE_TOKEN,
+    LONG_QUESTION_LIST,
     SEGMENT_ONLY_ANSWER,
+    SHORT_QUESTION_LIST,
     build_chat_prompt,
     check_history,
     format_query,
 )
 from lisa_model.types import SegmentationResult
+
+#: English text whose characters per token estimate how many characters fit a token budget.
+_CHARS_SAMPLE = " ".join(
+    q.replace(IMAGE_TOKEN, "").format(class_name="the red mug", sent="Where could I put the keys?")
+    for q in SHORT_QUESTION_LIST + LONG_QUESTION_LIST + EXPLANATORY_QUESTION_LIST + ANSWER_LIST
+).strip()
+
+
+class QueryTooLongError(ValueError):
+    """A query does not fit the model's positions after the image, the prompt and the answer.
+
+    Attributes:
+        tokens: how many tokens the query takes.
+        max_tokens: the most tokens a query of this kind may take with these options.
+        max_chars_estimate: about how many characters that is (at this query's characters per
+            token).
+        positions: the model's positions (``max_position_embeddings``).
+    """
+
+    def __init__(
+        self, tokens: int, max_tokens: int, max_chars_estimate: int, positions: int
+    ) -> None:
+        self.tokens = tokens
+        self.max_tokens = max_tokens
+        self.max_chars_estimate = max_chars_estimate
+        self.positions = positions
+        super().__init__(
+            f"query too long: {tokens} tokens, at most {max_tokens} tokens fit (about "
+            f"{max_chars_estimate} characters): the model has {positions} positions for the "
+            "image, the prompt template, the query and the answer"
+        )
+
+
+@dataclass(frozen=True)
+class QueryBudget:
+    """How long a query may be (see :meth:`LisaPredictor.query_budget`).
+
+    Attributes:
+        max_tokens: the most tokens a query may take (the smallest over the prompt styles the
+            options allow; :meth:`LisaPredictor.check_query` is exact for a given query).
+        max_chars_estimate: about how many characters of English that is.
+        positions: the model's positions (``max_position_embeddings``).
+        image_tokens: positions the image takes.
+        answer_tokens: positions kept for the answer (``max_new_tokens - 1`` when generating).
+    """
+
+    max_tokens: int
+    max_chars_estimate: int
+    positions: int
+    image_tokens: int
+    answer_tokens: int
 
 
 @dataclass
@@ -153,19 +213,10 @@ class LisaPredictor:
         """
         if self._frame is None:
             raise RuntimeError("no image set: call set_image(rgb) before predict()")
-        check_mode(mode)
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("empty query: expected a description of what to segment")
-        if explain and mode == "segment":
-            raise ValueError("explain=True needs mode='generate' (the fast path produces no text)")
-        user_text = query.strip() if raw_prompt else format_query(query, explain)
-        prompt_ids, history = self._fit_history(user_text, history, max_new_tokens)
-        budget = self.model.config.max_position_embeddings
-        needed = len(prompt_ids) + self.model.num_image_tokens + max_new_tokens
-        if needed > budget:
-            raise ValueError(
-                f"query too long: prompt + answer need {needed} positions, the model has {budget}"
-            )
+        prompt_ids = self._checked_prompt_ids(query, explain, mode, max_new_tokens, raw_prompt)
+        if history:
+            user_text = query.strip() if raw_prompt else format_query(query, explain)
+            prompt_ids, history = self._fit_history(user_text, history, mode, max_new_tokens)
         frame = self._frame
         timings: dict[str, float] = {}
         t0 = self._now()
@@ -205,6 +256,117 @@ class LisaPredictor:
             history_used=len(history),
         )
 
+    # ------------------------------------------------------------------ query length
+    def check_query(
+        self,
+        query: str,
+        explain: bool = False,
+        mode: str = "generate",
+        max_new_tokens: int = 64,
+        raw_prompt: bool = False,
+    ) -> None:
+        """Check that :meth:`predict` can answer ``query`` with these options (no image needed).
+
+        Raises:
+            QueryTooLongError: the query does not fit the model's positions; the message gives
+                the limit in tokens and an estimate in characters.
+            ValueError: an empty query, an unknown mode, ``explain`` with the segment mode, or
+                ``max_new_tokens < 1``.
+        """
+        self._checked_prompt_ids(query, explain, mode, max_new_tokens, raw_prompt)
+
+    def query_budget(
+        self,
+        explain: bool = False,
+        mode: str = "generate",
+        max_new_tokens: int = 64,
+        raw_prompt: bool = False,
+    ) -> QueryBudget:
+        """How many tokens (and about how many characters) a query may take with these options.
+
+        The model's ``max_position_embeddings`` hold the image tokens, the chat template around
+        the query and, when generating, ``max_new_tokens - 1`` answer tokens (the last one is
+        never fed back); the query gets the rest. The template differs between a short phrase
+        and a sentence (:func:`~lisa_model.prompts.format_query`): this is the smaller budget.
+        """
+        self._check_options(explain, mode, max_new_tokens)
+        if raw_prompt:
+            probes = ["thing"]
+        elif explain:
+            probes = ["the thing"]
+        else:
+            probes = ["thing", "the thing."]  # a phrase, a sentence
+        fixed = 0
+        for probe in probes:
+            user_text = probe if raw_prompt else format_query(probe, explain)
+            query_tokens = len(self.model.tokenizer.encode(probe, add_special_tokens=False))
+            fixed = max(fixed, self._positions(self.prompt_ids(user_text)) - query_tokens)
+        answer = self._answer_positions(mode, max_new_tokens)
+        positions = self.model.config.max_position_embeddings
+        max_tokens = max(0, positions - fixed - answer)
+        return QueryBudget(
+            max_tokens=max_tokens,
+            max_chars_estimate=int(max_tokens * self._chars_per_token()),
+            positions=positions,
+            image_tokens=self.model.num_image_tokens,
+            answer_tokens=answer,
+        )
+
+    def max_query_tokens(
+        self,
+        explain: bool = False,
+        mode: str = "generate",
+        max_new_tokens: int = 64,
+        raw_prompt: bool = False,
+    ) -> int:
+        """``query_budget(...).max_tokens``: the most tokens a query may take."""
+        return self.query_budget(explain, mode, max_new_tokens, raw_prompt).max_tokens
+
+    def _check_options(self, explain: bool, mode: str, max_new_tokens: int) -> None:
+        check_mode(mode)
+        if explain and mode == "segment":
+            raise ValueError("explain=True needs mode='generate' (the fast path produces no text)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+    def _checked_prompt_ids(
+        self, query: str, explain: bool, mode: str, max_new_tokens: int, raw_prompt: bool
+    ) -> list[int]:
+        """The prompt ids of ``query`` after checking the options and the length."""
+        self._check_options(explain, mode, max_new_tokens)
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError("empty query: expected a description of what to segment")
+        user_text = query.strip() if raw_prompt else format_query(query, explain)
+        prompt_ids = self.prompt_ids(user_text)
+        positions = self.model.config.max_position_embeddings
+        needed = self._positions(prompt_ids) + self._answer_positions(mode, max_new_tokens)
+        if needed > positions:
+            text = " ".join(query.split())
+            tokens = len(self.model.tokenizer.encode(text, add_special_tokens=False))
+            max_tokens = max(0, positions - (needed - tokens))
+            raise QueryTooLongError(
+                tokens=tokens,
+                max_tokens=max_tokens,
+                max_chars_estimate=int(max_tokens * len(text) / max(tokens, 1)),
+                positions=positions,
+            )
+        return prompt_ids
+
+    def _positions(self, prompt_ids: list[int]) -> int:
+        """Positions of a prompt once every image placeholder is replaced by the image tokens."""
+        images = sum(1 for t in prompt_ids if t == self.model.image_token_index)
+        return len(prompt_ids) + images * (self.model.num_image_tokens - 1)
+
+    @staticmethod
+    def _answer_positions(mode: str, max_new_tokens: int) -> int:
+        """Positions the answer takes: the fast path reads the state after the prompt; greedy
+        decoding feeds back all but the last of ``max_new_tokens`` ids."""
+        return 0 if mode == "segment" else max_new_tokens - 1
+
+    def _chars_per_token(self) -> float:
+        tokens = self.model.tokenizer.encode(_CHARS_SAMPLE, add_special_tokens=False)
+        return len(_CHARS_SAMPLE) / max(len(tokens), 1)
+
     def segment(self, query: str, raw_prompt: bool = False) -> SegmentationResult:
         """The fast path: ``predict(query, mode="segment")``."""
         return self.predict(query, mode="segment", raw_prompt=raw_prompt)
@@ -221,22 +383,20 @@ class LisaPredictor:
         return self.model.tokenizer.tokenizer_image_token(prompt)
 
     def _fit_history(
-        self, user_text: str, history: Sequence[tuple[str, str]], max_new_tokens: int
+        self, user_text: str, history: Sequence[tuple[str, str]], mode: str, max_new_tokens: int
     ) -> tuple[list[int], tuple[tuple[str, str], ...]]:
         """Prompt ids with the newest earlier rounds whose prompt fits the model's positions.
 
-        Returns the ids and the rounds kept; with none kept the ids are the plain prompt's (and
-        whether that fits is for the caller to check).
+        Returns the ids and the rounds kept; with none kept the ids are the plain prompt's
+        (which :meth:`_checked_prompt_ids` has checked).
         """
         rounds = check_history(history)
-        room = (
-            self.model.config.max_position_embeddings
-            - self.model.num_image_tokens
-            - max_new_tokens
+        room = self.model.config.max_position_embeddings - self._answer_positions(
+            mode, max_new_tokens
         )
         while True:
             ids = self.prompt_ids(user_text, rounds)
-            if not rounds or len(ids) <= room:
+            if not rounds or self._positions(ids) <= room:
                 return ids, rounds
             rounds = rounds[1:]  # drop the oldest round
 

@@ -118,11 +118,9 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read tokenizer file {path}: {err}") from err
+        raise ValueError(f"{path}: not a readable JSON tokenizer file ({err})") from err
     if not isinstance(obj, dict):
-        raise ValueError(
-            f"tokenizer file {path}: expected a JSON object, got {type(obj).__name__}"
-        )
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -137,12 +135,10 @@ def _parse_special(value: Any, key: str, path: Path, from_config: bool) -> Speci
     if isinstance(value, dict):
         fields = {k: v for k, v in value.items() if k != "__type"}
         if from_config and value.get("__type") != "AddedToken":
-            raise ValueError(
-                f'tokenizer file {path}: {key} is an object without "__type": "AddedToken"'
-            )
+            raise ValueError(f'{path}: {key} is an object without "__type": "AddedToken"')
         content = fields.get("content")
         if not isinstance(content, str) or not content:
-            raise ValueError(f"tokenizer file {path}: {key} needs a non-empty string 'content'")
+            raise ValueError(f"{path}: {key} needs a non-empty string 'content'")
         flags = {}
         for name, default in (
             ("lstrip", False),
@@ -152,12 +148,10 @@ def _parse_special(value: Any, key: str, path: Path, from_config: bool) -> Speci
         ):
             flag = fields.get(name, default)
             if not isinstance(flag, bool):
-                raise ValueError(f"tokenizer file {path}: {key}.{name} must be true or false")
+                raise ValueError(f"{path}: {key}.{name} must be true or false")
             flags[name] = flag
         return SpecialToken(content, **flags, added_token=True)
-    raise ValueError(
-        f"tokenizer file {path}: {key} must be a string or an AddedToken object, got {value!r}"
-    )
+    raise ValueError(f"{path}: {key} must be a string or an AddedToken object, got {value!r}")
 
 
 def _special_content(value: Any) -> str | None:
@@ -235,13 +229,12 @@ class LisaTokenizer:
         model_path = root / TOKENIZER_MODEL_FILE
         if not model_path.is_file():
             raise FileNotFoundError(
-                f"tokenizer directory {root} has no {TOKENIZER_MODEL_FILE} "
-                "(the SentencePiece model of the checkpoint)"
+                f"{model_path}: missing (the SentencePiece model of the checkpoint's tokenizer)"
             )
         try:
             model_proto = model_path.read_bytes()
         except OSError as err:
-            raise OSError(f"cannot read tokenizer model {model_path}: {err}") from err
+            raise OSError(f"{model_path}: cannot be read ({err.strerror or err})") from err
 
         config_path = root / TOKENIZER_CONFIG_FILE
         config = _read_json_object(config_path)
@@ -263,22 +256,20 @@ class LisaTokenizer:
             else:
                 value, path, from_config = default, config_path, True
             if value is None:
-                raise ValueError(
-                    f"tokenizer file {path}: {key} is null; a LLaMA tokenizer needs it"
-                )
+                raise ValueError(f"{path}: {key} is null; a LLaMA tokenizer needs it")
             specials[key] = _parse_special(value, key, path, from_config)
         unk_content = specials["unk_token"].content
         for path, mapping in ((special_map_path, special_map), (config_path, config)):
             pad = _special_content(mapping.get("pad_token"))
             if pad is not None and pad != unk_content:
                 raise ValueError(
-                    f"tokenizer file {path}: pad_token {pad!r} is not supported; LISA uses the "
+                    f"{path}: pad_token {pad!r} is not supported; LISA uses the "
                     f"unk token {unk_content!r} as pad"
                 )
             for key in _UNSUPPORTED_SPECIAL_KEYS:
                 if mapping.get(key):
                     raise ValueError(
-                        f"tokenizer file {path}: {key} is not supported (LISA checkpoints only "
+                        f"{path}: {key} is not supported (LISA checkpoints only "
                         "define bos/eos/unk/pad)"
                     )
 
@@ -287,8 +278,7 @@ class LisaTokenizer:
         for token, index in added_raw.items():
             if not token or isinstance(index, bool) or not isinstance(index, int):
                 raise ValueError(
-                    f"tokenizer file {added_path}: expected {{token: integer id}}, "
-                    f"got {token!r}: {index!r}"
+                    f"{added_path}: expected {{token: integer id}}, got {token!r}: {index!r}"
                 )
         ordered = sorted(added_raw.items(), key=lambda item: item[1])
 
@@ -298,20 +288,19 @@ class LisaTokenizer:
             eos=specials["eos_token"],
             unk=specials["unk_token"],
             config=config,
-            source=str(root),
+            source=str(model_path),
         )
         for token, index in ordered:
             expected = len(tokenizer)
             if index != expected:
                 raise ValueError(
-                    f"tokenizer file {added_path}: added token {token!r} has id {index}, expected "
+                    f"{added_path}: added token {token!r} has id {index}, expected "
                     f"{expected} (added ids must continue the SentencePiece vocabulary of "
                     f"{tokenizer.vocab_size} without gaps)"
                 )
             if tokenizer._has_token(token):
                 raise ValueError(
-                    f"tokenizer file {added_path}: added token {token!r} is already a piece of "
-                    f"{model_path}"
+                    f"{added_path}: added token {token!r} is already a piece of {model_path}"
                 )
             tokenizer._append(token)
         tokenizer._rebuild_split()
@@ -681,7 +670,9 @@ def _load_sentencepiece(model_proto: bytes, source: str) -> spm.SentencePiecePro
     try:
         return spm.SentencePieceProcessor(model_proto=model_proto)
     except (RuntimeError, OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{source}: not a valid SentencePiece model ({err})") from err
+        raise ValueError(
+            f"{source}: not a valid SentencePiece model (cannot be parsed: truncated or corrupt)"
+        ) from err
 
 
 def _as_python(ids: Any) -> int | list[int]:

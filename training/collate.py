@@ -78,6 +78,8 @@ class Batch:
         sources: per image, the data source (``"reason_seg"``, ``"refcoco"``, ...).
         is_sentence: per image, the ReasonSeg long-sentence flag.
         inference: ``True`` for a validation batch (teacher-forced, never truncated).
+        skipped: what was wrong with the bad samples skipped in place of this batch's images
+            (:attr:`Sample.skipped`), one message each.
     """
 
     images_clip: torch.Tensor
@@ -96,6 +98,7 @@ class Batch:
     sources: list[str]
     is_sentence: list[bool]
     inference: bool
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def num_images(self) -> int:
@@ -339,6 +342,7 @@ class Collator:
             sources=[s.source for s in samples],
             is_sentence=[bool(s.is_sentence) for s in samples],
             inference=self.inference,
+            skipped=[m for s in samples for m in s.skipped],
         )
 
     def _check_seg_counts(

@@ -40,6 +40,7 @@ from torch import nn
 
 from lisa_model.metrics import IGNORE_INDEX, SegMetrics
 from lisa_model.modeling import LisaModel
+from training.checkpoint_files import check_checkpoint_files, weights_only_loads
 from training.collate import Batch, Collator
 from training.config import (
     TrainConfig,
@@ -213,6 +214,7 @@ class StepRecord:
     mask_dice_loss: float
     lr: float
     seconds: float
+    bad_samples: int = 0  # skipped so far in this process (data.max_bad_samples)
 
 
 @dataclass
@@ -236,6 +238,8 @@ class TrainResult:
     validations: list[ValRecord] = field(default_factory=list)
     best_giou: float | None = None
     seconds: float = 0.0
+    bad_samples: int = 0
+    last_bad_sample: str | None = None
 
 
 def _loss_value(x: torch.Tensor | float | None) -> float:
@@ -340,15 +344,25 @@ class Trainer:
         resume: ``None`` for a fresh run (``run.output_dir`` must not hold checkpoints), or a run
             or checkpoint directory to continue from the checkpoint its ``ckpt/latest`` file
             names (step, optimizer, scheduler, RNG and data position restored).
+        check_data: check every dataset entry first (:mod:`training.data.check`), in every
+            process, before the process group, the model and DeepSpeed start.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, resume: str | Path | None = None, check_data: bool = True
+    ) -> None:
         import deepspeed
 
+        from training.data.bad_samples import SkipBadSamples
+        from training.data.check import check_training_data
         from training.data.mixture import build_dataset, build_val_dataset
 
-        self.ctx = init_distributed()
         self.cfg = cfg = with_absolute_paths(cfg)
+        self.data_check = None
+        if check_data:  # a broken file fails here, before anything starts
+            self.data_check = check_training_data(cfg.data, cfg.val.dataset, cfg.val_dataset_dir)
+            log.info("%s", self.data_check.summary())
+        self.ctx = init_distributed()
         self.out_dir = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out_dir / CKPT_DIR
         device = self.ctx.device
@@ -362,9 +376,14 @@ class Trainer:
         # first, so that a missing file fails before a large model loads).
         o = cfg.optim
         samples = o.micro_batch_size * o.grad_accumulation_steps * o.steps_per_epoch
-        self.train_data = build_dataset(
-            dataclasses.replace(cfg.data, samples_per_epoch=samples * self.ctx.world_size)
+        self.train_data = SkipBadSamples(
+            build_dataset(
+                dataclasses.replace(cfg.data, samples_per_epoch=samples * self.ctx.world_size)
+            ),
+            cfg.data.max_bad_samples,
         )
+        self.bad_samples = 0
+        self.last_bad_sample: str | None = None
         self.val_data = (
             build_val_dataset(cfg.val_dataset_dir, cfg.val.dataset) if cfg.val.dataset else None
         )
@@ -499,13 +518,32 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)
         n = self.cfg.optim.grad_accumulation_steps
         for _ in range(n):
-            batch = next(batches).to(self.ctx.device, non_blocking=True)
+            batch = self._next_batch(batches).to(self.ctx.device, non_blocking=True)
             out = self.engine(**model_inputs(batch))
             self.engine.backward(out.loss)
             self.engine.step()  # DeepSpeed updates the weights only on the last micro-batch
             parts = (out.loss, out.ce_loss, out.mask_bce_loss, out.mask_dice_loss)
             sums += torch.tensor([_loss_value(p) for p in parts], dtype=torch.float64)
         return sums / n
+
+    def _next_batch(self, batches: Iterator[Batch]) -> Batch:
+        """The next batch, its skipped bad samples counted against ``data.max_bad_samples``."""
+        from training.data.bad_samples import BadSampleLimitError, limit_message, worker_message
+
+        try:
+            batch = next(batches)
+        except BadSampleLimitError as exc:  # from a worker: its traceback is in the message
+            raise BadSampleLimitError(worker_message(exc)) from None
+        for message in batch.skipped:
+            self.bad_samples += 1
+            self.last_bad_sample = message
+            log.warning("skipped a bad sample (%d so far): %s", self.bad_samples, message)
+        limit = self.cfg.data.max_bad_samples
+        if self.bad_samples > limit:
+            raise BadSampleLimitError(
+                limit_message(self.bad_samples, limit, str(self.last_bad_sample))
+            )
+        return batch
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.ctx.world_size == 1:
@@ -547,6 +585,7 @@ class Trainer:
             "global_step": self.global_step,
             "best_giou": self.best_giou,
             "world_size": self.ctx.world_size,
+            "bad_samples": self.bad_samples,
         }
         self.engine.save_checkpoint(
             str(self.ckpt_dir),
@@ -586,13 +625,15 @@ class Trainer:
                 f"{ckpt_dir}: cannot resume: the config differs from the run's in "
                 f"{sorted(differ)} (these keys define the model's parameters)"
             )
-        load_path, client = self.engine.load_checkpoint(
-            str(ckpt_dir),
-            tag=tag,
-            load_module_strict=False,  # frozen parameters are not in the checkpoint
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        check_checkpoint_files(ckpt_dir / tag)  # no code from the files runs (names a bad one)
+        with weights_only_loads():
+            load_path, client = self.engine.load_checkpoint(
+                str(ckpt_dir),
+                tag=tag,
+                load_module_strict=False,  # frozen parameters are not in the checkpoint
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
         if load_path is None or not client:
             raise FileNotFoundError(f"{ckpt_dir / tag}: DeepSpeed found no checkpoint to load")
         if client.get("world_size") != self.ctx.world_size:
@@ -602,6 +643,7 @@ class Trainer:
             )
         self.global_step = int(client["global_step"])
         self.best_giou = client.get("best_giou")
+        self.bad_samples = int(client.get("bad_samples") or 0)
         rng_file = ckpt_dir / tag / f"rng_state_rank{self.ctx.rank}.pt"
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
@@ -666,6 +708,7 @@ class Trainer:
                         mask_dice_loss=float(values[3]),
                         lr=self.last_lr,
                         seconds=seconds,
+                        bad_samples=self.bad_samples,
                     )
                     result.steps.append(record)
                     self._log_json({"kind": "train", **dataclasses.asdict(record)})
@@ -709,6 +752,8 @@ class Trainer:
             self._writer.flush()
         result.global_step = self.global_step
         result.best_giou = self.best_giou
+        result.bad_samples = self.bad_samples
+        result.last_bad_sample = self.last_bad_sample
         result.seconds = time.perf_counter() - start
         return result
 

@@ -8,8 +8,10 @@ Two ways to answer, both scored exactly as the original's validation (``SegMetri
   is the union of the masks of all ``[SEG]`` it emits (empty when it emits none).
 
 ReasonSeg results are broken down by ``is_sentence`` into short (phrases), long (sentences) and
-overall, like the paper's Table 1. A JSON report and a picture of the worst and best cases are
-written.
+overall, like the paper's Table 1. Beside gIoU / cIoU it counts the "not found" mistakes: a
+present target the model said it could not find (no ``[SEG]`` on the generation path, an empty
+mask on the segment path), and an absent target (an all-background ground truth) for which it
+found something. A JSON report and a picture of the worst and best cases are written.
 
 Example::
 
@@ -50,6 +52,7 @@ class CaseResult:
     iou: float
     found: bool = True
     answer: str = ""
+    target_present: bool = True  # the ground truth has a foreground pixel
 
 
 @dataclass
@@ -65,6 +68,26 @@ class EvalReport:
     long: dict[str, float] | None
     seconds: float
     cases: list[CaseResult] = field(default_factory=list)
+    not_found: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def not_found_counts(cases: Iterable[CaseResult]) -> dict[str, int]:
+    """The "not found" mistakes among ``cases``.
+
+    Returns:
+        ``present``: cases whose target is in the image; ``missed``: of those, how many the
+        model said it could not find; ``absent``: cases without a target; ``false_found``: of
+        those, how many it found something for.
+    """
+    counts = {"present": 0, "missed": 0, "absent": 0, "false_found": 0}
+    for case in cases:
+        if case.target_present:
+            counts["present"] += 1
+            counts["missed"] += not case.found
+        else:
+            counts["absent"] += 1
+            counts["false_found"] += case.found
+    return counts
 
 
 def question_text(question: str) -> str:
@@ -122,7 +145,8 @@ def predict_sample(
     if predictor is not None:
         return predict_generate(predictor, sample, max_new_tokens)
     pred = predict_segment_only(model, collator, sample) > 0
-    return pred, [True] * len(pred), [""] * len(pred)
+    found = pred.flatten(1).any(dim=1).tolist()  # an empty mask is this path's "not found"
+    return pred, found, [""] * len(pred)
 
 
 def make_collator(model: LisaModel):
@@ -179,6 +203,7 @@ def evaluate(
                     iou=_case_iou(pred[i], targets[i]),
                     found=found[i],
                     answer=answers[i],
+                    target_present=bool((targets[i] == 1).any()),
                 )
             )
     return metrics, cases
@@ -309,6 +334,17 @@ def run(args: argparse.Namespace) -> int:
         long=metrics["long"].summary() if is_reason else None,
         seconds=seconds,
         cases=cases,
+        not_found={
+            "overall": not_found_counts(cases),
+            **(
+                {
+                    "short": not_found_counts(c for c in cases if not c.is_sentence),
+                    "long": not_found_counts(c for c in cases if c.is_sentence),
+                }
+                if is_reason
+                else {}
+            ),
+        },
     )
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -326,16 +362,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_summary(report: EvalReport) -> str:
+    """The table ``lisa-eval`` prints: gIoU, cIoU, queries and the "not found" mistakes
+    (``missed``: said not found on a present target; ``false found``: found something for an
+    absent one; each as ``count/of``)."""
     rows = [("overall", report.overall)]
     if report.short is not None:
         rows += [("short", report.short), ("long", report.long)]
     lines = [f"{report.data} [{report.split}] ({report.path} path, {report.seconds:.1f} s)"]
-    lines.append(f"{'':10s} {'gIoU':>7s} {'cIoU':>7s} {'queries':>8s}")
+    lines.append(
+        f"{'':10s} {'gIoU':>7s} {'cIoU':>7s} {'queries':>8s} {'missed':>9s} {'false found':>11s}"
+    )
     for name, summary in rows:
+        counts = report.not_found.get(name)
+        missed = f"{counts['missed']}/{counts['present']}" if counts else "-"
+        false_found = f"{counts['false_found']}/{counts['absent']}" if counts else "-"
         lines.append(
             f"{name:10s} {summary['giou']:7.4f} {summary['ciou']:7.4f} "
-            f"{int(summary['num_masks']):8d}"
+            f"{int(summary['num_masks']):8d} {missed:>9s} {false_found:>11s}"
         )
+    lines.append(
+        "missed: said 'not found' on a present target; false found: found something for an "
+        "absent target (empty ground truth)"
+    )
     return "\n".join(lines)
 
 

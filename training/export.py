@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lisa_model.config import CheckpointError
+from lisa_model.file_modes import follow_umask
 from lisa_model.modeling import LisaModel
 from lisa_model.options import parse_dtype
+from training.checkpoint_files import check_checkpoint_files, weights_only_loads
 from training.config import config_from_dict
 from training.engine import CKPT_DIR, RUN_FILE, TAG_BEST, read_latest_tag, read_run_record
 from training.model_setup import merge_lora, prepare_model_for_training
@@ -125,6 +129,8 @@ def load_trained_model(checkpoint: str | Path, tag: str | None = None) -> Traine
             sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
         )
         raise ExportError(f"{tag_dir}: no such checkpoint tag (found: {tags or 'none'})")
+    # Every file read without running code from it, before the (slow) model build.
+    step = _saved_step(check_checkpoint_files(tag_dir))
     try:
         record = read_run_record(run_dir)
     except (FileNotFoundError, ValueError) as exc:
@@ -145,9 +151,13 @@ def load_trained_model(checkpoint: str | Path, tag: str | None = None) -> Traine
 
     # The trained tensors: fp32 master weights of the trainable parameters (+ buffers).
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as exc:
-        raise ExportError(f"{tag_dir}: cannot consolidate the ZeRO checkpoint ({exc})") from None
+        with weights_only_loads():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ExportError(
+            f"{tag_dir}: cannot consolidate the ZeRO checkpoint ({reason})"
+        ) from None
     known = model.state_dict()
     unexpected = sorted(set(state) - set(known))
     missing = sorted(set(record["trainable"]["names"]) - set(state))
@@ -160,16 +170,15 @@ def load_trained_model(checkpoint: str | Path, tag: str | None = None) -> Traine
     if bad:
         raise ExportError(f"{tag_dir}: shape mismatch for {bad[:5]}")
     model.load_state_dict(state, strict=False)
-    return TrainedModel(model, record, run_dir, tag, _saved_step(tag_dir), len(state))
+    return TrainedModel(model, record, run_dir, tag, step, len(state))
 
 
-def _saved_step(tag_dir: Path) -> int | None:
-    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        return None
-    states = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    step = states.get("global_step")
-    return int(step) if step is not None else None
+def _saved_step(contents: dict[Path, Any]) -> int | None:
+    """The step saved in the first ``mp_rank_*_model_states.pt`` of a checkpoint's files."""
+    files = sorted(f for f in contents if f.name.endswith("_model_states.pt"))
+    states = contents[files[0]] if files else None
+    step = states.get("global_step") if isinstance(states, dict) else None
+    return int(step) if isinstance(step, int) else None
 
 
 def export_checkpoint(
@@ -206,6 +215,7 @@ def export_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        follow_umask(staging)  # mkdtemp makes 0700; the export is a folder like any other
         from lisa_model.checkpoint import save_lisa
 
         save_lisa(

@@ -7,6 +7,12 @@ Examples::
     torchrun --nproc_per_node 8 -m training.train --config training/configs/lisa_7b_paper.yaml
     lisa-train --config cfg.yaml --resume            # continue run.output_dir's latest checkpoint
     lisa-train --resume runs/my-run optim.epochs=12  # config from runs/my-run/run.json
+    lisa-train --config cfg.yaml --check-data      # only check every dataset entry
+
+Before anything starts, every dataset the config names (and the validation set) is opened and
+every entry checked (training.data.check); a broken file ends the run with one error line naming
+it and exit status 2. Samples that still cannot be read during training are skipped, up to
+``data.max_bad_samples``; their count is in metrics.jsonl and the final summary.
 
 Overrides are ``section.key=value`` (values parsed as YAML); put them before a bare
 ``--resume`` or write ``--resume=DIR``.
@@ -48,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="stop after this many optimizer steps in all (smoke tests; the schedule is kept)",
+    )
+    parser.add_argument(
+        "--check-data",
+        action="store_true",
+        help="open every dataset of the config, check every entry, print a summary and exit",
     )
     parser.add_argument(
         "--print-config",
@@ -94,6 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"# DeepSpeed config ({precision} on {device.type}):")
             print(json.dumps(deepspeed_config(cfg, precision), indent=2))
             return 0
+        if args.check_data:
+            from training.data.check import check_training_data
+
+            cfg = with_absolute_paths(cfg)
+            report = check_training_data(
+                cfg.data, cfg.val.dataset, cfg.val_dataset_dir, progress=True
+            )
+            print(report.summary())
+            return 0
         if not args.verbose:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -110,19 +130,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lisa-train: error: {exc}", file=sys.stderr)
         return 2
 
-    result = trainer.fit(max_steps=args.max_steps)
-    trainer.close()
+    import deepspeed.comm as ds_dist
+
+    try:
+        result = trainer.fit(max_steps=args.max_steps)
+    except DataFormatError as exc:  # more bad samples than data.max_bad_samples
+        print(f"lisa-train: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        trainer.close()
+        if ds_dist.is_initialized():  # DeepSpeed's, which also drops its cached groups, so
+            ds_dist.destroy_process_group()  # a later run in this process can start again
     if trainer.ctx.is_main:
         best = "n/a" if result.best_giou is None else f"{result.best_giou:.4f}"
+        bad = f"{result.bad_samples} bad samples skipped"
+        if result.last_bad_sample:
+            bad += f" (the last: {result.last_bad_sample})"
         print(
             f"lisa-train: {result.global_step} steps ({seconds_per_step(result):.2f} s/step), "
-            f"best gIoU {best}; run directory {result.output_dir}\n"
+            f"best gIoU {best}; {bad}; run directory {result.output_dir}\n"
             f"export: lisa-export {result.output_dir} --out <DIR>"
         )
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 

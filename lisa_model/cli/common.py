@@ -78,8 +78,8 @@ def load_model_from_args(args: argparse.Namespace):
             quantization=args.quantization,
             vision_tower=args.vision_tower,
         )
-    except CheckpointError as exc:
-        raise UserError(f"--model {source}: {exc}") from None
+    except CheckpointError as exc:  # its message starts with the file at fault
+        raise UserError(f"--model: {exc}") from None
 
 
 def read_rgb_image(path: str | Path) -> np.ndarray:

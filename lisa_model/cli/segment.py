@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
 
-    from lisa_model.predictor import LisaPredictor
+    from lisa_model.predictor import LisaPredictor, QueryTooLongError
     from lisa_model.visualize import overlay
 
     if not args.query.strip():
@@ -59,6 +59,16 @@ def run(args: argparse.Namespace) -> int:
     rgb = read_rgb_image(args.image)
     model = load_model_from_args(args)
     predictor = LisaPredictor(model)
+    try:  # before any image work: the query must fit the model's positions
+        predictor.check_query(
+            args.query,
+            explain=args.explain,
+            mode=args.mode,
+            max_new_tokens=args.max_new_tokens,
+            raw_prompt=args.raw_prompt,
+        )
+    except QueryTooLongError as exc:
+        raise UserError(f"--query: {exc}") from None
     start = time.perf_counter()
     predictor.set_image(rgb)
     result = predictor.predict(

@@ -469,6 +469,26 @@ def test_bad_model_path_is_one_line_error(tmp_path: Path, capsys: pytest.Capture
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_broken_checkpoint_is_one_line_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A truncated weights file: one error line that names it, nothing written."""
+    import shutil
+
+    from tests.conftest import REFERENCE_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(REFERENCE_DIR / "lisa-tiny", model)
+    shard = sorted(model.glob("pytorch_model-*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    images, _ = frames("rgb8", n=1)
+    bag = write_bag(tmp_path / "in", "sqlite3", images + commands((0.1, "x")))
+    rc, err = run_main([bag, "--out", tmp_path / "out", "--model", model], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"lisa-replay: error: --model: {shard}: truncated or corrupt")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_undecodable_frames_are_skipped_and_counted(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

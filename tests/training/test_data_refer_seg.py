@@ -258,3 +258,47 @@ def test_errors_name_the_file(refer_root: Path, tmp_path: Path) -> None:
     (refer_root / "refcoco" / "refs(unc).p").write_bytes(b"garbage")
     with pytest.raises(DataFormatError, match=r"refs\(unc\).p is not a readable refs pickle"):
         ReferSegDataset(refer_root, "refcoco")
+
+
+class _RunsCode:
+    """Unpickled without restriction, this would create ``marker`` (and run any command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+def test_a_refs_pickle_that_would_run_code_is_refused(
+    refer_root: Path, tmp_path: Path, protocol: int
+) -> None:
+    marker = tmp_path / "MARKER"
+    path = refer_root / "refcoco" / "refs(unc).p"
+    refs = [_ref(1, 100, 7, "train", ["a box"]), {"payload": _RunsCode(marker)}]
+    path.write_bytes(pickle.dumps(refs, protocol=protocol))
+    with pytest.raises(
+        DataFormatError, match=r"refs\(unc\)\.p: refused global (posix|os)\.system"
+    ):
+        ReferSegDataset(refer_root, "refcoco")
+    assert not marker.exists()
+
+
+def test_python2_refs_pickle_reads(refer_root: Path) -> None:
+    """The REFER API's files are Python 2 pickles (protocol 0, byte strings; latin-1 bytes
+    where a sentence is not ASCII): they hold only dicts, lists, strings and numbers."""
+    path = refer_root / "refcoco" / "refs(unc).p"
+    py2 = (
+        b"(lp0\n(dp1\nS'ref_id'\np2\nI1\nsS'ann_id'\np3\nI100\nsS'image_id'\np4\nI7\n"
+        b"sS'split'\np5\nS'train'\np6\nsS'category_id'\np7\nI1\nsS'sentences'\np8\n"
+        b"(lp9\n(dp10\nS'sent'\np11\nS'caf\\xe9 table'\np12\nsS'sent_id'\np13\nI10\n"
+        b"sS'tokens'\np14\n(lp15\nS'table'\np16\naL3L\nasasa."
+    )
+    path.write_bytes(py2)
+    ds = ReferSegDataset(refer_root, "refcoco", num_sentences=1)
+    sample = ds[0]
+    assert sample.texts == ["café table"]
+    assert ds.data.img_refs[7][0]["sentences"][0]["tokens"] == ["table", 3]

@@ -85,3 +85,74 @@ def test_bad_data_gives_one_clear_line(reason_seg_dir, tmp_path, capsys):
     assert main(["--model", str(CKPT), "--data", str(reason_seg_dir), "--split", "test",
                  "--out", str(tmp_path / "r.json")]) == 2  # fmt: skip
     assert "no 'test' folder" in capsys.readouterr().err
+
+
+def test_not_found_counts_by_hand():
+    from training.evaluate import CaseResult, EvalReport, format_summary, not_found_counts
+
+    def case(present: bool, found: bool, sentence: bool = False) -> CaseResult:
+        return CaseResult(0, 0, "x.png", "t", sentence, 0.0, found=found, target_present=present)
+
+    cases = [case(True, True), case(True, False), case(True, False, True), case(False, True),
+             case(False, False, True)]  # fmt: skip
+    counts = not_found_counts(cases)
+    assert counts == {"present": 3, "missed": 2, "absent": 2, "false_found": 1}
+    summary = {"giou": 0.5, "ciou": 0.25, "num_masks": 5}
+    report = EvalReport("m", "d", "val", "generate", summary, summary, summary, 1.0, cases,
+                        not_found={"overall": counts,
+                                   "short": not_found_counts(c for c in cases[:2] + cases[3:4]),
+                                   "long": not_found_counts([cases[2], cases[4]])})  # fmt: skip
+    lines = format_summary(report).splitlines()
+    assert lines[1].split() == ["gIoU", "cIoU", "queries", "missed", "false", "found"]
+    assert lines[2].split() == ["overall", "0.5000", "0.2500", "5", "2/3", "1/2"]
+    assert lines[3].split()[-2:] == ["1/2", "1/1"] and lines[4].split()[-2:] == ["1/1", "0/1"]
+
+
+@pytest.mark.parametrize("generate", [False, True], ids=["segment", "generate"])
+def test_eval_counts_not_found_on_present_and_absent_targets(
+    reason_seg_dir, tmp_path, capsys, generate
+):
+    """One more image whose annotation has no target: an absent target. Its 'found' is an empty
+    mask on the segment path (IoU 1 exactly when nothing was found) and no [SEG] when
+    generating; a missed present target always scores IoU 0."""
+    data = tmp_path / "data"
+    shutil.copytree(reason_seg_dir, data)
+    anno = json.loads((data / "val" / "img1_q0_short.json").read_text())
+    (data / "val" / "aa_absent.json").write_text(json.dumps({**anno, "shapes": []}))
+    shutil.copy(data / "val" / "img1_q0_short.png", data / "val" / "aa_absent.png")
+    out = tmp_path / "report.json"
+    argv = ["--model", str(CKPT), "--data", str(data), "--split", "val", "--out", str(out),
+            "--limit", "4", "--no-progress"]  # fmt: skip
+    if generate:
+        argv += ["--generate", "--max-new-tokens", "8"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    cases = report["cases"]
+    absent = [c for c in cases if c["image_path"].endswith("aa_absent.png")]
+    assert len(absent) == 1 and not absent[0]["target_present"]
+    assert all(c["target_present"] for c in cases if c is not absent[0])
+    if not generate:
+        assert absent[0]["found"] == (absent[0]["iou"] == 0.0)
+    assert all(c["iou"] == 0.0 for c in cases if c["target_present"] and not c["found"])
+    counts = report["not_found"]["overall"]
+    assert counts["present"] == len(cases) - 1 and counts["absent"] == 1
+    assert counts["missed"] == sum(not c["found"] for c in cases if c["target_present"])
+    assert counts["false_found"] == int(absent[0]["found"])
+    assert set(report["not_found"]) == {"overall", "short", "long"}
+    overall = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("overall")
+    )
+    assert overall.split()[-2:] == [f"{counts['missed']}/{counts['present']}",
+                                    f"{counts['false_found']}/1"]  # fmt: skip
+
+
+def test_broken_checkpoint_is_one_error_line(reason_seg_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(CKPT, broken)
+    shard = sorted(broken.glob("pytorch_model-*.bin"))[-1]
+    shard.write_bytes(shard.read_bytes()[:5000])
+    assert main(["--model", str(broken), "--data", str(reason_seg_dir), "--out",
+                 str(tmp_path / "r.json"), "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"lisa-eval: error: --model: {shard}: truncated or corrupt")

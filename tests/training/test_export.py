@@ -4,7 +4,10 @@ the model did at the end of training."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
+import stat
 
 import pytest
 import torch
@@ -135,3 +138,102 @@ def test_refusals_name_the_paths(trained, tmp_path, capsys):
 
     assert main([str(trained["run"]), "--out", str(tmp_path / "o4"), "--dtype", "int8"]) == 2
     assert "int8" in capsys.readouterr().err
+
+
+class _RunsCode:
+    """Unpickled without restriction, this would create ``marker`` (and run any command)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _copy_run(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    return run, run / "ckpt" / "last" / "mp_rank_00_model_states.pt"
+
+
+def test_checkpoint_files_hold_only_the_allowed_globals(trained):
+    """What the allowlist is made of: the globals DeepSpeed pickles into lisa-train's files."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    from training.checkpoint_files import deepspeed_safe_globals
+
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in deepspeed_safe_globals()}
+    files = sorted((trained["run"] / "ckpt" / "last").glob("*.pt"))
+    assert len(files) >= 2
+    found = set()
+    for file in files:
+        found |= set(get_unsafe_globals_in_checkpoint(file))
+    assert found and found <= allowed
+
+
+def test_crafted_checkpoint_file_runs_nothing(trained, tmp_path, capsys):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from training.checkpoint_files import deepspeed_safe_globals, weights_only_loads
+
+    run, states_file = _copy_run(trained, tmp_path)
+    marker = tmp_path / "MARKER"
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        states = torch.load(states_file, weights_only=True)
+    states["client_note"] = _RunsCode(marker)
+    torch.save(states, states_file)
+
+    out = tmp_path / "out"
+    assert main([str(run), "--tag", "last", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lisa-export: error: ")
+    assert f"{states_file}: " in err and "refused global posix.system" in err
+    assert not marker.exists() and not out.exists()
+    # DeepSpeed's own loader (weights_only=False inside) is forced to safe loads as well.
+    with pytest.raises(pickle.UnpicklingError), weights_only_loads():
+        get_fp32_state_dict_from_zero_checkpoint(str(run / "ckpt"), tag="last")
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_file_is_named(trained, tmp_path, capsys):
+    run, _ = _copy_run(trained, tmp_path)
+    optim = next((run / "ckpt" / "last").glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:1000])
+    assert main([str(run), "--tag", "last", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{optim}: truncated or corrupt" in err
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_export_follows_the_umask(trained, tmp_path, umask):
+    """Like any file the tools write: 0666 & ~umask for files, 0777 & ~umask for folders (the
+    staging folder comes from mkdtemp, 0700; safetensors writes 0600)."""
+    out = tmp_path / "export"
+    previous = os.umask(umask)
+    try:
+        assert main([str(trained["run"]), "--out", str(out), "--safetensors"]) == 0
+    finally:
+        os.umask(previous)
+    paths = [out, *out.rglob("*")]
+    assert any(p.suffix == ".safetensors" for p in paths) and (out / "vision_tower").is_dir()
+    for path in paths:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+
+
+def test_broken_source_checkpoint_is_one_error_line(trained, tmp_path, capsys):
+    """The export rebuilds the model from run.json's model.source: a truncated weights file
+    there is named."""
+    run, _ = _copy_run(trained, tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    source = tmp_path / "source"
+    shutil.copytree(record["config"]["model"]["source"], source)
+    weights = source / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    record["config"]["model"]["source"] = str(source)
+    (run / "run.json").write_text(json.dumps(record))
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"lisa-export: error: {weights}: truncated")

@@ -147,6 +147,9 @@ class DataConfig:
         num_classes_per_sample: classes/sentences (conversations) per image, at most.
         seed: base seed of every generator.
         samples_per_epoch: mixture length (original: batch 2 x grad-acc 10 x 500 steps x 8 GPUs).
+        max_bad_samples: training samples that cannot be read (a truncated image...) are
+            skipped, each replaced by the next item, up to this many per process; one more
+            stops the run with an error naming the last bad file. 0: the first one stops it.
     """
 
     dataset_dir: str
@@ -165,6 +168,7 @@ class DataConfig:
     num_classes_per_sample: int = 3
     seed: int = 0
     samples_per_epoch: int = 500 * 8 * 2 * 10
+    max_bad_samples: int = 10
 
     def __post_init__(self) -> None:
         self.sample_rates = parse_rates(self.sample_rates)
@@ -200,6 +204,8 @@ class DataConfig:
             )
         if self.samples_per_epoch < 1:
             raise ValueError(f"samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
+        if self.max_bad_samples < 0:
+            raise ValueError(f"max_bad_samples must be >= 0, got {self.max_bad_samples}")
 
         self.shapes_answers = parse_rates(self.shapes_answers)
         self.shapes_groups = parse_rates(self.shapes_groups)

@@ -12,7 +12,7 @@ label (``"target"``) gives 1. A JSON without target shapes gives an all-zero tar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from training.data.types import (
     Sample,
     check_counts,
     check_index,
+    image_size,
     item_rng,
     read_image,
     read_json,
@@ -251,6 +252,13 @@ def read_reason_seg_json(
         DataFormatError: a key is missing or has the wrong type.
     """
     path = Path(json_path)
+    texts, is_sentence, shapes = _parse_reason_seg_json(path)
+    mask = polygons_to_mask(shapes, image_size[0], image_size[1], path)
+    return ReasonSegAnnotation(mask=mask, texts=texts, is_sentence=is_sentence)
+
+
+def _parse_reason_seg_json(path: Path) -> tuple[list[str], bool, list]:
+    """``(texts, is_sentence, shapes)`` of one ReasonSeg JSON, keys and types checked."""
     anno = read_json(path, "ReasonSeg annotation")
     if not isinstance(anno, dict):
         raise DataFormatError(f"{path}: expected a JSON object, got {type(anno).__name__}")
@@ -270,8 +278,25 @@ def read_reason_seg_json(
         )
     if not isinstance(anno["shapes"], list):
         raise DataFormatError(f"{path}: 'shapes' must be a list")
-    mask = polygons_to_mask(anno["shapes"], image_size[0], image_size[1], path)
-    return ReasonSegAnnotation(mask=mask, texts=list(texts), is_sentence=anno["is_sentence"])
+    return list(texts), anno["is_sentence"], anno["shapes"]
+
+
+def check_pairs(pairs: Sequence[tuple[Path, Path]]) -> Iterator[Path]:
+    """Check every ``(image, json)`` pair without rasterising: the image's header is readable,
+    the JSON parses with the keys, types, at least one text and well-formed polygon points.
+    Yields each JSON once checked.
+
+    Raises:
+        DataFileNotFoundError / DataFormatError: naming the file (and the shape) at fault.
+    """
+    for image_path, json_path in pairs:
+        image_size(image_path, "ReasonSeg image")
+        texts, _, shapes = _parse_reason_seg_json(json_path)
+        if not texts:
+            raise DataFormatError(f"{json_path}: 'text' is empty; expected at least one text")
+        for k, shape in enumerate(shapes):
+            _shape_points(shape, json_path, k)
+        yield json_path
 
 
 def find_image_json_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
@@ -390,6 +415,10 @@ class ReasonSegDataset:
     def __len__(self) -> int:
         return self.samples_per_epoch or len(self.pairs)
 
+    def check_entries(self) -> Iterator[Path]:
+        """Check every annotation and image (:func:`check_pairs`); yields each JSON."""
+        return check_pairs(self.pairs)
+
     def set_epoch(self, epoch: int) -> None:
         """Mix ``epoch`` into the per-item generators (fresh draws every epoch)."""
         self.epoch = int(epoch)
@@ -464,6 +493,10 @@ class ReasonSegValDataset:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def check_entries(self) -> Iterator[Path]:
+        """Check every annotation and image (:func:`check_pairs`); yields each JSON."""
+        return check_pairs(self.pairs)
 
     def __getitem__(self, idx: int) -> Sample:
         i = check_index(idx, len(self), "ReasonSegValDataset")

@@ -14,9 +14,10 @@ Masks come from the annotation's COCO polygons or RLE; multi-part masks are merg
 
 from __future__ import annotations
 
+import builtins
 import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from training.data.types import (
     check_counts,
     check_image_size,
     check_index,
+    image_size,
     item_rng,
     read_image,
     read_json,
@@ -102,6 +104,62 @@ def segmentation_to_mask(seg: Any, height: int, width: int, where: str) -> np.nd
     return (decoded.reshape(height, width, -1).sum(axis=2) > 0).astype(np.uint8)
 
 
+def check_segmentation(seg: Any, height: int, width: int, where: str) -> None:
+    """Check a COCO ``segmentation`` without decoding it: polygons are lists of at least three
+    ``x, y`` number pairs, an RLE has ``counts`` and a ``size`` of ``[height, width]``.
+
+    Raises:
+        DataFormatError: naming ``where`` and what is wrong.
+    """
+    if seg is None or (isinstance(seg, list) and not seg):
+        return
+    parts = seg if isinstance(seg, list) else [seg]
+    for part in parts:
+        if isinstance(part, dict):
+            if "counts" not in part or "size" not in part:
+                raise DataFormatError(f"{where}: expected an RLE object with 'counts' and 'size'")
+            if list(part["size"]) != [height, width]:
+                raise DataFormatError(
+                    f"{where}: the mask is {part['size'][1]}x{part['size'][0]} (WxH) but the "
+                    f"image is {width}x{height}"
+                )
+        elif not (
+            isinstance(part, list)
+            and len(part) >= 6
+            and len(part) % 2 == 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in part)
+        ):
+            raise DataFormatError(
+                f"{where}: segmentation must be polygons (lists of x, y numbers) or RLEs, "
+                f"got {str(part)[:80]}"
+            )
+
+
+def check_coco_image(
+    info: dict, image_id: int, image_root: Path, ann_file: Path, source: str
+) -> tuple[int, int]:
+    """``(H, W)`` of a COCO image record of ``ann_file``, checked against the header of its
+    file under ``image_root``.
+
+    Raises:
+        DataFileNotFoundError / DataFormatError: naming the image file or ``ann_file``.
+    """
+    try:
+        h, w = int(info["height"]), int(info["width"])
+        path = image_root / info["file_name"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataFormatError(
+            f"{ann_file}: image {image_id} needs file_name, height and width ({exc})"
+        ) from None
+    actual = image_size(path, f"{source} image")
+    if actual != (h, w):
+        raise DataFormatError(
+            f"image {path} is {actual[1]}x{actual[0]} (WxH) but {ann_file} says {w}x{h} for "
+            f"image {image_id}"
+        )
+    return h, w
+
+
 def _split_matches(ref_split: str, split: str) -> bool:
     """The REFER API's split filter (``testA`` also matches ``testAB``, ``test`` any test)."""
     if split in ("testA", "testB", "testC"):
@@ -111,16 +169,53 @@ def _split_matches(ref_split: str, split: str) -> bool:
     return ref_split == split
 
 
-def _load_refs(path: Path) -> list[dict]:
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads plain data only: containers and scalars, which pickle stores without naming any
+    class or function. Every other global (``os.system``, a class to rebuild) is refused, so
+    no code stored in the file runs (the ``pickle`` documentation's "Restricting Globals")."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in ("set", "frozenset"):  # plain containers too
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused persistent id")
+
+
+def read_plain_pickle(path: Path) -> Any:
+    """The content of a pickle holding only dicts, lists, tuples, sets, strings, bytes, numbers,
+    booleans and ``None`` (Python 2 pickles included, as the REFER API wrote them).
+
+    Raises:
+        DataFileNotFoundError: the file is missing.
+        DataFormatError: naming the file: not a pickle, or one that names a class or function
+            (refused without running anything).
+    """
     require_path(path, "refs pickle")
-    try:
-        with path.open("rb") as f:
-            refs = pickle.load(f)
-    except UnicodeDecodeError:  # Python 2 pickles with non-ASCII byte strings
-        with path.open("rb") as f:
-            refs = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError) as exc:
-        raise DataFormatError(f"{path} is not a readable refs pickle: {exc}") from exc
+    last: Exception | None = None
+    for encoding in ("ASCII", "latin1"):  # Python 2 byte strings with non-ASCII bytes: latin1
+        try:
+            with path.open("rb") as f:
+                return _PlainUnpickler(f, encoding=encoding).load()
+        except UnicodeDecodeError as exc:
+            last = exc
+        except pickle.UnpicklingError as exc:
+            if str(exc).startswith("refused"):
+                raise DataFormatError(
+                    f"{path}: {exc}: a refs pickle holds only lists, dicts, strings and numbers; "
+                    "not loaded, as loading it would run code from the file"
+                ) from None
+            raise DataFormatError(f"{path} is not a readable refs pickle: {exc}") from None
+        except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise DataFormatError(
+                f"{path} is not a readable refs pickle: {type(exc).__name__}: {exc}"
+            ) from None
+    raise DataFormatError(f"{path} is not a readable refs pickle: {last}")
+
+
+def _load_refs(path: Path) -> list[dict]:
+    refs = read_plain_pickle(path)
     if not isinstance(refs, list):
         raise DataFormatError(
             f"{path}: expected a pickled list of refs, got {type(refs).__name__}"
@@ -185,6 +280,38 @@ class ReferData:
 
     def image_path(self, image_id: int) -> Path:
         return self.image_root / self.images[image_id]["file_name"]
+
+    def check_entries(self) -> Iterator[int]:
+        """Check every image of the split without decoding masks: the image's header gives the
+        size instances.json says, its refs have sentences, their annotations exist and have
+        well-formed segmentations of that size. Yields each image id once checked.
+
+        Raises:
+            DataFileNotFoundError / DataFormatError: naming the file and the image, ref or
+                annotation at fault.
+        """
+        instances = self.root / self.dataset / "instances.json"
+        for image_id in self.image_ids:
+            h, w = check_coco_image(
+                self.images[image_id], image_id, self.image_root, instances, self.dataset
+            )
+            _, ann_ids = self.sentences(image_id)
+            flat = [a for ids in ann_ids for a in (ids if isinstance(ids, list) else [ids])]
+            for ann_id in dict.fromkeys(flat):
+                if ann_id == -1:  # gRefCOCO "no target"
+                    continue
+                try:
+                    ann = self.anns.get(int(ann_id))
+                except (TypeError, ValueError):
+                    ann = None
+                if ann is None:
+                    raise DataFormatError(
+                        f"{self.refs_path}: annotation id {ann_id} (image {image_id}) is not in "
+                        f"{instances}"
+                    )
+                where = f"{instances} annotation {ann_id}"
+                check_segmentation(ann.get("segmentation"), h, w, where)
+            yield image_id
 
     def sentences(self, image_id: int) -> tuple[list[str], list[Any]]:
         """All ``(sentences, ann ids)`` of the image's refs, in ref order."""
@@ -267,6 +394,10 @@ class ReferSegDataset:
     def __len__(self) -> int:
         return self.samples_per_epoch or len(self.data.image_ids)
 
+    def check_entries(self) -> Iterator[int]:
+        """:meth:`ReferData.check_entries` of this split."""
+        return self.data.check_entries()
+
     def set_epoch(self, epoch: int) -> None:
         """Mix ``epoch`` into the per-item generators (fresh draws every epoch)."""
         self.epoch = int(epoch)
@@ -324,6 +455,10 @@ class ReferSegValDataset:
 
     def __len__(self) -> int:
         return len(self.data.image_ids)
+
+    def check_entries(self) -> Iterator[int]:
+        """:meth:`ReferData.check_entries` of this split."""
+        return self.data.check_entries()
 
     def __getitem__(self, idx: int) -> Sample:
         i = check_index(idx, len(self), f"ReferSegValDataset({self.source})")

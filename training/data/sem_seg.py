@@ -18,13 +18,13 @@ become ``"obj part"`` or ``"the part of the obj"`` with probability 0.5 each.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from lisa_model.prompts import ANSWER_LIST, SHORT_QUESTION_LIST
-from training.data.refer_seg import segmentation_to_mask
+from training.data.refer_seg import check_coco_image, check_segmentation, segmentation_to_mask
 from training.data.types import (
     IGNORE_LABEL,
     DataFormatError,
@@ -32,6 +32,7 @@ from training.data.types import (
     check_counts,
     check_image_size,
     check_index,
+    image_size,
     item_rng,
     read_image,
     read_json,
@@ -121,6 +122,19 @@ class _LabelMapSource:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def check_entries(self) -> Iterator[Path]:
+        """Check every ``(image, label)`` pair from their headers: both readable, same size.
+        Yields each label image once checked."""
+        for image_path, label_path in self.pairs:
+            image_hw = image_size(image_path, f"{self.name} image")
+            label_hw = image_size(label_path, f"{self.name} label image")
+            if image_hw != label_hw:
+                raise DataFormatError(
+                    f"label image {label_path} is {label_hw[1]}x{label_hw[0]} (WxH) but its "
+                    f"image {image_path} is {image_hw[1]}x{image_hw[0]}"
+                )
+            yield label_path
+
     def read_label(self, label_path: Path) -> np.ndarray:
         """``(H, W)`` uint8 class-index map with 255 = ignore."""
         raw = read_label_png(label_path).astype(np.int64)
@@ -201,6 +215,18 @@ class _CocoPartSource:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def check_entries(self) -> Iterator[int]:
+        """Check every image (header size as the annotations say) and the segmentations of its
+        annotations (well-formed, of that size), without decoding. Yields each image id."""
+        for image_id in self.image_ids:
+            h, w = check_coco_image(
+                self.images[image_id], image_id, self.image_root, self.ann_path, self.name
+            )
+            for ann in self.img_anns[image_id]:
+                where = f"{self.ann_path} annotation {ann.get('id')}"
+                check_segmentation(ann.get("segmentation"), h, w, where)
+            yield image_id
 
     def sample(self, j: int, rng: np.random.Generator, k: int) -> Sample | None:
         image_id = self.image_ids[j]
@@ -350,6 +376,11 @@ class SemSegDataset:
 
     def __len__(self) -> int:
         return self.samples_per_epoch or len(self._src)
+
+    def check_entries(self) -> Iterator[object]:
+        """Check every image of the source and its annotation without decoding masks (yields
+        each entry once checked); errors name the file and the entry."""
+        return self._src.check_entries()
 
     def set_epoch(self, epoch: int) -> None:
         """Mix ``epoch`` into the per-item generators (fresh draws every epoch)."""

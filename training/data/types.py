@@ -49,6 +49,8 @@ class Sample:
         texts: the sampled class names / sentences / questions (for logs).
         is_sentence: ReasonSeg long-sentence flag (False elsewhere).
         source: data source, e.g. ``"reason_seg"``, ``"refcoco"``, ``"ade20k"``, ``"vqa"``.
+        skipped: what was wrong with the bad samples read (and skipped) in place of this one
+            (:class:`~training.data.bad_samples.SkipBadSamples`), one message each.
     """
 
     image_path: str
@@ -59,6 +61,7 @@ class Sample:
     texts: list[str]
     is_sentence: bool
     source: str
+    skipped: tuple[str, ...] = ()
 
     @property
     def original_size(self) -> tuple[int, int]:
@@ -186,6 +189,34 @@ def read_image(path: str | Path) -> np.ndarray:
     if bgr is None:
         raise DataFormatError(f"cannot decode image {p}: expected a JPEG/PNG readable by OpenCV")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+#: EXIF orientations that swap width and height (OpenCV applies them when it reads a JPEG).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header (nothing is decoded), as :func:`read_image`
+    would return it (EXIF rotations that swap the sides included).
+
+    Raises:
+        DataFileNotFoundError: the file does not exist.
+        DataFormatError: it is not an image PIL can identify.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataFileNotFoundError(f"{what} not found: {p}")
+    try:
+        with Image.open(p) as im:
+            width, height = im.size
+            orientation = im.getexif().get(0x0112) if im.format == "JPEG" else None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataFormatError(f"cannot read {what} {p}: {exc}") from exc
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return int(height), int(width)
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

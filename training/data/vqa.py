@@ -10,6 +10,7 @@ Layout (``root`` = ``<dataset_dir>``)::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from training.data.types import (
     Sample,
     check_counts,
     check_index,
+    image_size,
     read_image,
     read_json,
 )
@@ -103,15 +105,25 @@ class VQADataset:
     def set_epoch(self, epoch: int) -> None:
         """No-op (nothing is drawn); kept for a uniform interface."""
 
-    def __getitem__(self, idx: int) -> Sample:
-        i = check_index(idx, len(self), "VQADataset")
-        j = i % len(self.records)
+    def _record(self, j: int) -> tuple[Path, list[tuple[str, str]]]:
+        """``(image path, rounds)`` of record ``j``, its structure checked."""
         record = self.records[j]
         where = f"{self.json_path} record {j}"
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise DataFormatError(f"{where}: expected an object with a string 'image'")
         rounds = conversation_rounds(record.get("conversations"), where)
-        image_path = self.image_root / record["image"]
+        return self.image_root / record["image"], rounds
+
+    def check_entries(self) -> Iterator[int]:
+        """Check every record (structure, and its image's header); yields each index."""
+        for j in range(len(self.records)):
+            image_path, _ = self._record(j)
+            image_size(image_path, f"image of {self.json_path} record {j}")
+            yield j
+
+    def __getitem__(self, idx: int) -> Sample:
+        i = check_index(idx, len(self), "VQADataset")
+        image_path, rounds = self._record(i % len(self.records))
         image = read_image(image_path)
         h, w = image.shape[:2]
         return Sample(
