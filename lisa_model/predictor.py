@@ -214,8 +214,8 @@ class LisaPredictor:
         if self._frame is None:
             raise RuntimeError("no image set: call set_image(rgb) before predict()")
         prompt_ids = self._checked_prompt_ids(query, explain, mode, max_new_tokens, raw_prompt)
+        user_text = query.strip() if raw_prompt else format_query(query, explain)
         if history:
-            user_text = query.strip() if raw_prompt else format_query(query, explain)
             prompt_ids, history = self._fit_history(user_text, history, mode, max_new_tokens)
         frame = self._frame
         timings: dict[str, float] = {}

@@ -209,17 +209,18 @@ def test_a_history_too_long_for_the_model_drops_the_oldest_rounds(reference_mode
     predictor = LisaPredictor(reference_model)
     predictor.set_image(read_rgb(IMG0))
     history = [(f"Round {i}: " + "ball " * 400 + "?", A1) for i in range(6)]
-    room = (
-        reference_model.config.max_position_embeddings
-        - reference_model.num_image_tokens
-        - 64  # predict's default max_new_tokens
-    )
-    assert len(predictor.prompt_ids(Q2, history)) > room  # the whole history cannot fit
+    budget = predictor.query_budget(mode="segment")  # the fast path keeps no room for text
+    room = budget.positions - budget.answer_tokens
+
+    def positions(rounds) -> int:  # the image placeholder takes the image's positions
+        return len(predictor.prompt_ids(Q2, rounds)) - 1 + budget.image_tokens
+
+    assert positions(history) > room  # the whole history cannot fit
     result = predictor.predict(Q2, raw_prompt=True, mode="segment", history=history)
     kept = history[len(history) - result.history_used :]
     assert 0 < result.history_used < len(history)
-    assert len(predictor.prompt_ids(Q2, kept)) <= room
-    assert len(predictor.prompt_ids(Q2, history[-result.history_used - 1 :])) > room
+    assert positions(kept) <= room
+    assert positions(history[-result.history_used - 1 :]) > room
     same = predictor.predict(Q2, raw_prompt=True, mode="segment", history=kept)
     np.testing.assert_allclose(same.logits, result.logits, atol=1e-6)
     # A query that cannot fit even alone still fails clearly.
