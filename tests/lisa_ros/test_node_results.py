@@ -434,3 +434,55 @@ def test_ids_keep_increasing_across_a_reconfiguration(ros: Ros, shared_model) ->
     (before,) = probe.results_for("before")
     (after,) = probe.results_for("after")
     assert after.command_id > before.command_id
+
+
+def test_a_command_too_long_for_the_models_positions_is_rejected_at_once(ros: Ros) -> None:
+    """The embedded demo model has 512 positions and the image takes part of them: a command
+    under max_command_chars can still not fit, and is rejected with the limit in tokens."""
+    node = ros.add(
+        LisaNode(
+            namespace="/lisa_budget",
+            context=ros.context,
+            parameter_overrides=params(mode="segment"),  # the embedded demo model
+        )
+    )
+    probe = ResultProbe(ros, "/lisa_budget")
+    connect(probe, node)
+    rng = np.random.default_rng(0)  # words the model's vocabulary splits into single letters
+    long = " ".join("".join(rng.choice(list("qzxjkvw"), 5)) for _ in range(75))
+    assert len(long) < 500
+    probe.command(long)
+    assert wait_until(lambda: probe.results_for(long), 30.0), probe.texts()
+    (seg,) = probe.results_for(long)
+    assert seg.error_code == Segmentation.ERROR_REJECTED
+    assert "query too long" in seg.error and "tokens fit (about" in seg.error, seg.error
+    assert node.pipeline.stats().commands_rejected == 1
+
+
+def test_a_truncated_checkpoint_fails_configure_naming_the_file(ros: Ros, tmp_path, capfd):
+    import shutil
+
+    from lisa_model.demo import DEMO_MODEL_DIR
+
+    copy = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL_DIR, copy)
+    weights = copy / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    node = ros.add(
+        LisaNode(
+            namespace="/lisa_truncated",
+            context=ros.context,
+            parameter_overrides=params(autostart=False, model=str(copy)),
+        )
+    )
+    assert node.trigger_configure().value != 0
+    assert node.state == "unconfigured" and str(weights) in node.last_error
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "configure failed" in ln]
+    assert len(lines) == 1 and str(weights) in lines[0] and "Traceback" not in err, err
+    probe = ResultProbe(ros, "/lisa_truncated")
+    assert wait_until(lambda: probe.command_pub.get_subscription_count() > 0, 15.0)
+    probe.command("the red ball")
+    assert wait_until(lambda: probe.results_for("the red ball"), 15.0)
+    (seg,) = probe.results_for("the red ball")
+    assert seg.error_code == Segmentation.ERROR_NOT_READY and str(weights) in seg.error
