@@ -164,7 +164,6 @@ def build_initial_demo_checkpoint(
     warmup: LanguageWarmup | None = None,
     encoder_warmup: EncoderWarmup | None = None,
     decoder_warmup: DecoderWarmup | None = None,
-    seg_tuning: SegTuning | None = None,
     progress: bool = True,
 ) -> Path:
     """Write the untrained demo model to ``out_dir`` (published layout, CLIP tower included).
@@ -183,9 +182,6 @@ def build_initial_demo_checkpoint(
         decoder_warmup: SAM's mask decoder warm-up (:func:`warm_up_sam_decoder`) and the
             ``[SEG]`` projector fit after it (:func:`fit_seg_projector_`); ``None``: the
             defaults of :class:`DecoderWarmup` with ``seed``.
-        seg_tuning: the ``[SEG]`` projector and decoder trained together on the LLM's states
-            after the fit (:func:`tune_seg_path_`; skipped with the decoder warm-up); ``None``:
-            the defaults of :class:`SegTuning` with ``seed``.
         progress: progress bars for the warm-ups.
 
     Returns:
@@ -203,17 +199,13 @@ def build_initial_demo_checkpoint(
         warm_up_sam_encoder(model, data_dir, encoder_warmup, progress=progress)
     decoder_warmup = DecoderWarmup(seed=seed) if decoder_warmup is None else decoder_warmup
     if decoder_warmup.steps > 0:
-        data = read_decoder_data(model, data_dir, decoder_warmup.max_images, progress)
-        _, prompts = warm_up_sam_decoder(model, data_dir, decoder_warmup, progress, data)
+        _, prompts = warm_up_sam_decoder(model, data_dir, decoder_warmup, progress)
         fit = fit_seg_projector_(model, data_dir, prompts, decoder_warmup, progress)
         if progress:
             print(
                 f"[SEG] projector fit, cosine to the concept prompts: {fit.before:.2f} before, "
                 f"{fit.fitted:.2f} fitted, {fit.held_out:.2f} held out"
             )
-        seg_tuning = SegTuning(seed=seed) if seg_tuning is None else seg_tuning
-        if seg_tuning.steps > 0:
-            tune_seg_path_(model, data_dir, seg_tuning, data, progress)
     return save_lisa(model, out_dir, llm_dtype=torch.float32, include_vision_tower=True)
 
 
@@ -247,7 +239,7 @@ def scale_for_scratch_training_(model: LisaModel, seed: int = 0) -> None:
 
 
 # --------------------------------------------------------------------------- language warm-up
-def _check_schedule(cfg: LanguageWarmup | EncoderWarmup | DecoderWarmup | SegTuning) -> None:
+def _check_schedule(cfg: LanguageWarmup | EncoderWarmup | DecoderWarmup) -> None:
     """The warm-ups' shared check of ``steps``, ``warmup_steps`` and ``lr``."""
     if cfg.steps < 0 or cfg.warmup_steps < 0 or cfg.lr <= 0:
         raise ValueError(
@@ -321,7 +313,7 @@ def warmup_conversations(
 
 def _train_warmup(
     params: list[torch.nn.Parameter],
-    cfg: LanguageWarmup | EncoderWarmup | DecoderWarmup | SegTuning,
+    cfg: LanguageWarmup | EncoderWarmup | DecoderWarmup,
     step_loss: Callable[[], torch.Tensor],
     desc: str,
     progress: bool,
@@ -818,8 +810,8 @@ def _present_queries(record: ShapesImageRecord) -> list[tuple[str, tuple[int, ..
 
 @dataclass
 class DecoderData:
-    """The first training images as SAM's mask decoder sees them, read once and shared by
-    :func:`warm_up_sam_decoder` and :func:`tune_seg_path_` (SAM's encoder is fixed by then).
+    """The first training images as SAM's mask decoder sees them, read once by
+    :func:`warm_up_sam_decoder` (SAM's encoder is fixed by then).
 
     Attributes:
         embeddings: per image, its ``(256, g, g)`` float16 SAM embedding.
@@ -875,15 +867,14 @@ def _mask_step_loss(
     model: LisaModel,
     data: DecoderData,
     images: Sequence[int],
-    queries: Sequence | dict,
-    prompt: Callable[[list], torch.Tensor],
-    cfg: DecoderWarmup | SegTuning,
+    prompt: Callable[[list[str]], torch.Tensor],
+    cfg: DecoderWarmup,
     rng: np.random.Generator,
 ) -> Callable[[], torch.Tensor]:
-    """The decoder warm-up's and the ``[SEG]`` tuning's step: ``cfg.batch_size`` draws of
-    ``images``, up to ``cfg.queries_per_image`` of each one's ``queries[image]`` (``(source,
-    target ids)`` pairs), prompts ``prompt(sources)``, ``lisa-train``'s mask losses against the
-    union masks in the decoder's low-resolution frame."""
+    """The decoder warm-up's step: ``cfg.batch_size`` draws of ``images``, up to
+    ``cfg.queries_per_image`` of each one's ``data.queries[image]`` (``(concept key, target
+    ids)`` pairs), prompts ``prompt(keys)``, ``lisa-train``'s mask losses against the union
+    masks in the decoder's low-resolution frame."""
     from lisa_model.losses import mask_losses
 
     bf16 = native_bf16(model.device) if cfg.bf16 is None else cfg.bf16
@@ -891,7 +882,7 @@ def _mask_step_loss(
     def step_loss() -> torch.Tensor:
         preds, targets = [], []
         for image in rng.choice(images, size=cfg.batch_size).tolist():
-            pairs = queries[image]
+            pairs = data.queries[image]
             n = min(cfg.queries_per_image, len(pairs))
             chosen = [pairs[j] for j in rng.choice(len(pairs), size=n, replace=False)]
             with torch.autocast(model.device.type, torch.bfloat16, enabled=bf16):
@@ -909,7 +900,6 @@ def warm_up_sam_decoder(
     data_dir: str | Path,
     cfg: DecoderWarmup,
     progress: bool = True,
-    data: DecoderData | None = None,
 ) -> tuple[list[float], ConceptPrompts]:
     """Train SAM's mask decoder to segment what a concept prompt names, in place.
 
@@ -924,7 +914,7 @@ def warm_up_sam_decoder(
     the decoder (with the prompt encoder's no-mask embedding and the word vectors) learns the
     union mask of its targets with ``lisa-train``'s mask losses (BCE 2, Dice 0.5) on the
     ``(4g, 4g)`` low-resolution logits. SAM's image encoder is fixed (its embeddings are
-    computed once, or passed as ``data``), so a step costs only the decoder: about 30 masks a
+    computed once, :func:`read_decoder_data`), so a step costs only the decoder: about 30 masks a
     second on two cores of a CPU with AVX512-BF16 under bfloat16 autocast (``cfg.bf16``), 27 in
     float32.
 
@@ -932,8 +922,7 @@ def warm_up_sam_decoder(
         ``(history, prompts)``: the mean loss of every ``cfg.log_every`` steps, and the trained
         concept prompts (for :func:`fit_seg_projector_`).
     """
-    if data is None:
-        data = read_decoder_data(model, data_dir, cfg.max_images, progress)
+    data = read_decoder_data(model, data_dir, cfg.max_images, progress)
     queries = data.queries
     usable = [i for i in range(len(queries)) if queries[i]]
     if not usable:
@@ -945,9 +934,7 @@ def warm_up_sam_decoder(
     params = [*decoder.parameters(), *no_mask.parameters(), *prompts.parameters()]
     for p in params:
         p.requires_grad_(True)
-    step_loss = _mask_step_loss(
-        model, data, usable, queries, prompts, cfg, np.random.default_rng(cfg.seed)
-    )
+    step_loss = _mask_step_loss(model, data, usable, prompts, cfg, np.random.default_rng(cfg.seed))
 
     history = _train_warmup(params, cfg, step_loss, "decoder warm-up", progress)
     decoder.eval()
@@ -1063,107 +1050,6 @@ def fit_seg_projector_(
         fitted=cosine(fit_states, fit_targets),
         held_out=cosine(states[held], targets[held]),
     )
-
-
-@dataclass(frozen=True)
-class SegTuning:
-    """Joint training of the ``[SEG]`` projector and SAM's mask decoder on the LLM's own
-    ``[SEG]`` states (see :func:`tune_seg_path_`).
-
-    Off by default (``steps`` 0): measured from the same ``init`` (150 steps, 4,096 states),
-    validation gIoU / cIoU went from 0.756 / 0.757 to 0.752 / 0.751, no gain, so the recipe
-    does not run it (``init --tune-steps N`` turns it on).
-
-    Attributes:
-        steps: optimiser steps; 0 (the default) skips the tuning.
-        batch_size: images per step.
-        queries_per_image: queries (masks) per image and step.
-        lr: peak AdamW rate (linear warm-up over ``warmup_steps``, then cosine to 0).
-        warmup_steps: steps of the linear warm-up.
-        samples: training queries whose ``[SEG]`` states are computed (once) and trained on.
-        bf16: bfloat16 autocast for the projector and decoder forward (``None``: where the
-            device computes bfloat16 natively, :func:`native_bf16`).
-        seed: draws of queries.
-        log_every: steps per entry of the returned loss history.
-    """
-
-    steps: int = 0
-    batch_size: int = 8
-    queries_per_image: int = 4
-    lr: float = 2e-4
-    warmup_steps: int = 20
-    samples: int = 4096
-    bf16: bool | None = None
-    seed: int = 0
-    log_every: int = 25
-
-    def __post_init__(self) -> None:
-        check_counts(
-            batch_size=self.batch_size,
-            queries_per_image=self.queries_per_image,
-            samples=self.samples,
-            log_every=self.log_every,
-        )
-        _check_schedule(self)
-
-
-def tune_seg_path_(
-    model: LisaModel,
-    data_dir: str | Path,
-    cfg: SegTuning,
-    data: DecoderData,
-    progress: bool = True,
-) -> list[float]:
-    """Train the ``[SEG]`` projector and SAM's mask decoder together on what the LLM really
-    says, in place.
-
-    :func:`fit_seg_projector_` maps the LLM's ``[SEG]`` states onto the concept prompts the
-    decoder learned, but only up to a linear fit (held-out cosine about 0.9), and the decoder
-    has never seen the leftover: on validation queries it scored 0.61 gIoU on the LLM's
-    prompts against 0.68 on the concept prompts. Here ``cfg.samples`` present-target queries
-    of the images in ``data`` are asked in the fast path's form (:func:`seg_states`, the LLM
-    fixed, so their states are computed once), and the projector (both layers), the decoder
-    and the no-mask embedding learn the union masks from those states with ``lisa-train``'s
-    mask losses on the low-resolution logits: ``lisa-train``'s path from ``[SEG]`` to mask at
-    the decoder warm-up's cost per mask.
-
-    Returns:
-        the mean loss of every ``cfg.log_every`` steps.
-    """
-
-    dataset = ShapesValDataset(data_dir, "train", max_images=len(data.embeddings))
-    rng = np.random.default_rng(cfg.seed + 2)
-    usable = [i for i in range(len(dataset)) if dataset.query(i).target_ids]
-    picks = rng.choice(usable, size=min(cfg.samples, len(usable)), replace=False)
-    if len(picks) == 0:
-        raise ValueError(f"[SEG] tuning: no present-target query in {data.source}")
-    rows: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
-    samples = []
-    for row, i in enumerate(picks.tolist()):
-        image = dataset.items[i][0]
-        rows.setdefault(image, []).append((row, dataset.query(i).target_ids))
-        samples.append(dataset[i])
-    was_training = model.training
-    model.eval()
-    states = seg_states(model, samples, progress=progress)  # (N, H) float32
-    model.train(was_training)
-    del samples
-    images = sorted(rows)
-    decoder, no_mask = model.sam.mask_decoder, model.sam.prompt_encoder.no_mask_embed
-    projector = model.seg_projector
-    params = [*decoder.parameters(), *no_mask.parameters(), *projector.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    decoder.train()
-    projector.train()
-    step_loss = _mask_step_loss(
-        model, data, images, rows, lambda r: model.project_seg_hidden(states[r]), cfg, rng
-    )
-
-    history = _train_warmup(params, cfg, step_loss, "[SEG] tuning", progress)
-    decoder.eval()
-    projector.eval()
-    return history
 
 
 @torch.no_grad()
@@ -1440,13 +1326,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps of SAM's mask decoder warm-up on concept prompts, followed by the [SEG] "
         "projector fit (0: neither)",
     )
-    init.add_argument(
-        "--tune-steps",
-        type=int,
-        default=SegTuning.steps,
-        help="steps of the [SEG] projector and mask decoder trained together on the LLM's "
-        "[SEG] states after the fit (default 0: none; 150 was tried)",
-    )
     wu = sub.add_parser(
         "warmup", help="train a checkpoint's LLM on the shapes conversations as text"
     )
@@ -1484,8 +1363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--encoder-steps must be >= 0, got {args.encoder_steps}")
             if args.decoder_steps < 0:
                 raise ValueError(f"--decoder-steps must be >= 0, got {args.decoder_steps}")
-            if args.tune_steps < 0:
-                raise ValueError(f"--tune-steps must be >= 0, got {args.tune_steps}")
             out = build_initial_demo_checkpoint(
                 args.out,
                 args.data,
@@ -1494,7 +1371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warmup=LanguageWarmup(steps=args.warmup_steps, seed=args.seed),
                 encoder_warmup=EncoderWarmup(steps=args.encoder_steps, seed=args.seed),
                 decoder_warmup=DecoderWarmup(steps=args.decoder_steps, seed=args.seed),
-                seg_tuning=SegTuning(steps=args.tune_steps, seed=args.seed),
             )
             config = json.loads((out / "config.json").read_text())
             print(f"wrote the initial demo checkpoint to {out} (vocab {config['vocab_size']})")

@@ -47,7 +47,6 @@ def initial_checkpoint(data_dir: Path, tmp_path_factory) -> Path:
     decoder_warmup = D.DecoderWarmup(
         steps=2, batch_size=2, warmup_steps=1, log_every=1, fit_samples=4
     )
-    seg_tuning = D.SegTuning(steps=2, batch_size=2, warmup_steps=1, log_every=1, samples=4)
     return D.build_initial_demo_checkpoint(
         out,
         data_dir,
@@ -56,7 +55,6 @@ def initial_checkpoint(data_dir: Path, tmp_path_factory) -> Path:
         warmup=warmup,
         encoder_warmup=encoder_warmup,
         decoder_warmup=decoder_warmup,
-        seg_tuning=seg_tuning,
         progress=False,
     )
 
@@ -618,29 +616,15 @@ def test_fit_seg_projector_maps_seg_states_onto_the_concept_prompts(data_dir: Pa
     assert changed and all(k.startswith("seg_projector.") for k in changed), sorted(changed)
 
 
-def test_seg_tuning_lowers_the_loss_and_changes_only_the_seg_path(data_dir: Path) -> None:
+def test_read_decoder_data_embeds_every_image(data_dir: Path) -> None:
     tokenizer = D.train_demo_tokenizer(data_dir, VOCAB)
     model = build_lisa(CONV_SPEC, tokenizer, seed=0)
-    D.scale_for_scratch_training_(model)
     data = D.read_decoder_data(model, data_dir, max_images=10, progress=False)
     assert len(data.embeddings) == len(data.object_masks) == len(data.queries) == 3
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = D.SegTuning(
-        steps=30, batch_size=2, queries_per_image=3, warmup_steps=3, log_every=10, lr=3e-3
-    )
-    history = D.tune_seg_path_(model, data_dir, cfg, data, progress=False)
-    assert len(history) == 3
-    assert history[-1] < 0.8 * history[0], history
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    allowed = ("sam.mask_decoder.", "sam.prompt_encoder.no_mask_embed.", "seg_projector.")
-    assert all(k.startswith(allowed) for k in changed), sorted(changed)
-    for part in ("sam.mask_decoder.", "seg_projector.0.", "seg_projector.2."):
-        assert any(k.startswith(part) for k in changed), part
-    assert not model.sam.mask_decoder.training and not model.seg_projector.training
 
 
 def test_bf16_autocast_follows_the_device_by_default() -> None:
-    assert D.DecoderWarmup().bf16 is None and D.SegTuning().bf16 is None
+    assert D.DecoderWarmup().bf16 is None
 
 
 def test_decoder_warmup_settings_are_checked(data_dir: Path, tmp_path: Path, capsys) -> None:
@@ -648,11 +632,9 @@ def test_decoder_warmup_settings_are_checked(data_dir: Path, tmp_path: Path, cap
         D.DecoderWarmup(queries_per_image=0)
     with pytest.raises(ValueError, match="fit_samples must be >= 1"):
         D.DecoderWarmup(fit_samples=0)
-    with pytest.raises(ValueError, match="samples must be >= 1"):
-        D.SegTuning(samples=0)
-    with pytest.raises(ValueError, match="SegTuning: need steps >= 0"):
-        D.SegTuning(steps=-1)
-    for flag in ("--decoder-steps", "--tune-steps"):
-        argv = ["init", "--data", str(data_dir), "--out", str(tmp_path / "o"), flag, "-3"]
-        assert D.main(argv) == 2
-        assert f"{flag} must be >= 0, got -3" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="DecoderWarmup: need steps >= 0"):
+        D.DecoderWarmup(steps=-1)
+    flag = "--decoder-steps"
+    argv = ["init", "--data", str(data_dir), "--out", str(tmp_path / "o"), flag, "-3"]
+    assert D.main(argv) == 2
+    assert f"{flag} must be >= 0, got -3" in capsys.readouterr().err
