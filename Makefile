@@ -55,7 +55,8 @@ demo-model-eval: $(STAMP)
 	$(VENV)/bin/lisa-eval --model $(DEMO_WORK)/model --data $(DEMO_WORK)/data/reason_seg/Shapes \
 		--split test --out $(DEMO_WORK)/eval_test.json
 	$(PY) -m training.demo_model eval --model $(DEMO_WORK)/model \
-		--data $(DEMO_WORK)/data/reason_seg/Shapes --split test --max-images 30 --record
+		--data $(DEMO_WORK)/data/reason_seg/Shapes --split test --max-images 30 \
+		--record $(DEMO_WORK)/model/demo.json
 	@echo "scored; copy $(DEMO_WORK)/model to lisa_model/data/demo_model to ship it"
 
 lint: $(STAMP)

@@ -58,7 +58,7 @@ setup(
             "lisa-eval = training.evaluate:main",
             "lisa-train = training.train:main",
             "lisa-export = training.export:main",
-            "lisa-make-shapes = training.shapes:main",
+            "lisa-make-shapes = training.shapes.writer:main",
             "lisa-demo = lisa_model.cli.demo:main",
             "lisa_node = lisa_ros.node:main",
             "lisa-replay = lisa_ros.replay:main",
