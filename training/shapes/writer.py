@@ -474,7 +474,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in {summary.seconds:.1f} s"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
