@@ -13,7 +13,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lisa_model*", "lisa_ros*", "training*"]),
-    include_package_data=True,
+    # Data folders (the demo model, the examples, the training configs) are package data of
+    # their package, listed here, not importable packages: with include_package_data setuptools
+    # would take every folder holding a tracked file for a package it was not told about.
+    include_package_data=False,
     package_data={
         "training": ["configs/*.yaml", "configs/*.json", "data/*.json"],
         "lisa_model": ["data/demo_model/*", "data/demo_model/vision_tower/*", "data/examples/*"],
@@ -58,7 +61,7 @@ setup(
             "lisa-eval = training.evaluate:main",
             "lisa-train = training.train:main",
             "lisa-export = training.export:main",
-            "lisa-make-shapes = training.shapes:main",
+            "lisa-make-shapes = training.shapes.writer:main",
             "lisa-demo = lisa_model.cli.demo:main",
             "lisa_node = lisa_ros.node:main",
             "text_relay = lisa_ros.text_relay:main",

@@ -238,9 +238,9 @@ def test_build_val_dataset(tmp_path: Path) -> None:
 
 
 def test_build_dataset_with_the_shapes_query_set(tmp_path: Path) -> None:
-    from training import shapes
+    from training.shapes.writer import write_dataset
 
-    shapes.write_dataset(tmp_path / "reason_seg" / "Shapes", {"train": 3, "val": 1}, seed=0)
+    write_dataset(tmp_path / "reason_seg" / "Shapes", {"train": 3, "val": 1}, seed=0)
     cfg = DataConfig(
         str(tmp_path),
         datasets="shapes||reason_seg",

@@ -12,8 +12,9 @@ import json
 import pytest
 
 from lisa_model.demo import DEMO_MODEL_DIR, demo_model_dir
-from training import demo_model as D
-from training import shapes as S
+from training.demo_model.evaluation import DemoReport, evaluate_demo
+from training.shapes.scene import ShapesConfig
+from training.shapes.writer import write_dataset
 
 #: Test-split images scored here (a fixed subset; the full split is 200 images).
 SUBSET = 24
@@ -42,18 +43,18 @@ def write_test_scenes(out, count: int) -> None:
     the seed and scene settings recorded in its ``demo.json`` (image i of a split depends only
     on the seed, the split and i)."""
     recipe = json.loads((DEMO_MODEL_DIR / "demo.json").read_text())
-    config = S.ShapesConfig(**recipe["data"]["config"])
-    S.write_dataset(out, {"test": count}, seed=recipe["data"]["seed"], config=config)
+    config = ShapesConfig(**recipe["data"]["config"])
+    write_dataset(out, {"test": count}, seed=recipe["data"]["seed"], config=config)
 
 
 @pytest.fixture(scope="module")
-def demo_report(tmp_path_factory) -> D.DemoReport:
+def demo_report(tmp_path_factory) -> DemoReport:
     from lisa_model.checkpoint import load_lisa
 
     data = tmp_path_factory.mktemp("shapes")
     write_test_scenes(data, SUBSET)
     model = load_lisa(demo_model_dir())
-    return D.evaluate_demo(model, data, "test", max_new_tokens=24)
+    return evaluate_demo(model, data, "test", max_new_tokens=24)
 
 
 def test_demo_model_is_the_default_and_small() -> None:
@@ -66,17 +67,17 @@ def test_demo_model_is_the_default_and_small() -> None:
     assert (clip["image_size"], clip["patch_size"]) == (224, 14)
 
 
-def test_demo_model_segments_held_out_scenes(demo_report: D.DemoReport) -> None:
+def test_demo_model_segments_held_out_scenes(demo_report: DemoReport) -> None:
     segment = demo_report.segment["overall"]
     assert segment["giou"] >= GIOU_BOUND and segment["ciou"] >= CIOU_BOUND, demo_report.segment
     assert demo_report.generate["giou"] >= GENERATE_BOUND, demo_report.generate
 
 
-def test_demo_model_answers_present_targets_with_a_mask(demo_report: D.DemoReport) -> None:
+def test_demo_model_answers_present_targets_with_a_mask(demo_report: DemoReport) -> None:
     assert demo_report.present_found >= FOUND_BOUND
 
 
-def test_demo_model_says_when_nothing_matches(demo_report: D.DemoReport) -> None:
+def test_demo_model_says_when_nothing_matches(demo_report: DemoReport) -> None:
     assert demo_report.absent_not_found["overall"] >= ABSENT_BOUND, demo_report.absent_not_found
     # ... and not by saying it to every question of those kinds (same concepts, objects there)
     matched = demo_report.present_found_matched

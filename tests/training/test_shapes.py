@@ -10,7 +10,25 @@ import cv2
 import numpy as np
 import pytest
 
-from training import shapes as S
+from lisa_model.prompts import SEG_TOKEN
+from training.shapes.queries import Query, make_queries
+from training.shapes.scene import (
+    BACKGROUND_KINDS,
+    Scene,
+    SceneObject,
+    ShapesConfig,
+    generate_scene,
+    render_scene,
+)
+from training.shapes.vocabulary import COLOUR_THINGS, COLOURS, PALETTE, SHAPE_KINDS, SHAPES
+from training.shapes.writer import (
+    GENERATOR_VERSION,
+    Example,
+    make_example,
+    mask_to_polygons,
+    write_dataset,
+)
+from training.shapes.writer import main as make_shapes_main
 
 # ----------------------------------------------------------------------------------------------
 # Independent helpers (written from LISA_REFERENCE.md 5, not from the generator)
@@ -93,7 +111,7 @@ def centroid(mask: np.ndarray) -> tuple[float, float]:
     return float(xs.mean()), float(ys.mean())
 
 
-def expected_targets(scene: S.Scene, query: S.Query) -> set[int] | None:
+def expected_targets(scene: Scene, query: Query) -> set[int] | None:
     """The objects a query must select, computed here from the scene; None if not checkable."""
     objs = scene.objects
     text = query.texts[0]
@@ -133,7 +151,7 @@ def expected_targets(scene: S.Scene, query: S.Query) -> set[int] | None:
     if query.concept.startswith("closest_to_"):
         side = query.concept.removeprefix("closest_to_")
 
-        def edge(o: S.SceneObject) -> int:
+        def edge(o: SceneObject) -> int:
             ys, xs = np.nonzero(o.visible)
             return {"top": ys.min(), "bottom": -ys.max(), "left": xs.min(), "right": -xs.max()}[
                 side
@@ -154,15 +172,15 @@ def expected_targets(scene: S.Scene, query: S.Query) -> set[int] | None:
 
 
 @pytest.fixture(scope="module")
-def examples() -> list[S.Example]:
-    return [S.make_example(7, "train", i) for i in range(120)]
+def examples() -> list[Example]:
+    return [make_example(7, "train", i) for i in range(120)]
 
 
 def test_scene_is_deterministic_from_the_rng() -> None:
-    a = S.generate_scene(np.random.default_rng(3))
-    b = S.generate_scene(np.random.default_rng(3))
-    c = S.generate_scene(np.random.default_rng(4))
-    assert np.array_equal(S.render_scene(a), S.render_scene(b))
+    a = generate_scene(np.random.default_rng(3))
+    b = generate_scene(np.random.default_rng(3))
+    c = generate_scene(np.random.default_rng(4))
+    assert np.array_equal(render_scene(a), render_scene(b))
     assert [(o.shape, o.colour, o.center) for o in a.objects] == [
         (o.shape, o.colour, o.center) for o in b.objects
     ]
@@ -170,22 +188,22 @@ def test_scene_is_deterministic_from_the_rng() -> None:
     assert (
         a.height != c.height
         or a.width != c.width
-        or not np.array_equal(S.render_scene(a), S.render_scene(c))
+        or not np.array_equal(render_scene(a), render_scene(c))
     )
 
 
 def test_scene_size_argument_and_config_validation() -> None:
-    scene = S.generate_scene(np.random.default_rng(0), (180, 290))
+    scene = generate_scene(np.random.default_rng(0), (180, 290))
     assert (scene.height, scene.width) == (180, 290) and scene.background.shape == (180, 290, 3)
-    cfg = S.ShapesConfig(min_objects=5, max_objects=5)
-    assert len(S.generate_scene(np.random.default_rng(1), (300, 300), config=cfg).objects) == 5
+    cfg = ShapesConfig(min_objects=5, max_objects=5)
+    assert len(generate_scene(np.random.default_rng(1), (300, 300), config=cfg).objects) == 5
     with pytest.raises(ValueError, match="min_objects"):
-        S.ShapesConfig(min_objects=4, max_objects=2)
+        ShapesConfig(min_objects=4, max_objects=2)
     with pytest.raises(ValueError, match="size"):
-        S.generate_scene(np.random.default_rng(0), (8, 200))
+        generate_scene(np.random.default_rng(0), (8, 200))
 
 
-def test_scene_size_and_objects(examples: list[S.Example]) -> None:
+def test_scene_size_and_objects(examples: list[Example]) -> None:
     sizes = set()
     shapes, colours, backgrounds = set(), set(), set()
     for ex in examples:
@@ -220,24 +238,24 @@ def test_scene_size_and_objects(examples: list[S.Example]) -> None:
                     grown = cv2.dilate(a.mask.astype(np.uint8), np.ones((3, 3), np.uint8))
                     assert not (grown.astype(bool) & b.mask).any()
     assert len(sizes) > 50 and any(h != w for h, w in sizes)
-    assert shapes == set(S.SHAPES)
-    assert colours == set(S.COLOURS)
-    assert backgrounds == set(S.BACKGROUND_KINDS)
+    assert shapes == set(SHAPES)
+    assert colours == set(COLOURS)
+    assert backgrounds == set(BACKGROUND_KINDS)
 
 
-def test_rendered_pixels_show_the_object_colour(examples: list[S.Example]) -> None:
+def test_rendered_pixels_show_the_object_colour(examples: list[Example]) -> None:
     checked = 0
     for ex in examples[:40]:
         for obj in ex.scene.objects:
             inner = cv2.erode(obj.visible.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
             pixels = ex.image[inner]
-            exact = np.all(pixels == np.array(S.PALETTE[obj.colour]), axis=1)
+            exact = np.all(pixels == np.array(PALETTE[obj.colour]), axis=1)
             assert exact.mean() >= 0.99, (ex.image_id, obj.name, exact.mean())
             checked += 1
     assert checked > 100
 
 
-def test_objects_contrast_with_the_background(examples: list[S.Example]) -> None:
+def test_objects_contrast_with_the_background(examples: list[Example]) -> None:
     def lab(rgb: np.ndarray) -> np.ndarray:
         arr = rgb.reshape(1, -1, 3).astype(np.float32) / 255.0
         return cv2.cvtColor(arr, cv2.COLOR_RGB2Lab).reshape(-1, 3)
@@ -251,7 +269,7 @@ def test_objects_contrast_with_the_background(examples: list[S.Example]) -> None
             if ring.sum() < 20:
                 continue
             bg = lab(ex.scene.background[ring])
-            fg = lab(np.array(S.PALETTE[obj.colour], np.uint8))
+            fg = lab(np.array(PALETTE[obj.colour], np.uint8))
             delta = np.linalg.norm(bg - fg, axis=1)
             assert np.median(delta) >= 40, (ex.image_id, obj.name, float(np.median(delta)))
 
@@ -260,11 +278,11 @@ def test_objects_contrast_with_the_background(examples: list[S.Example]) -> None
 # Masks and polygons
 
 
-def test_polygons_reproduce_visible_masks_exactly(examples: list[S.Example]) -> None:
+def test_polygons_reproduce_visible_masks_exactly(examples: list[Example]) -> None:
     for ex in examples[:60]:
         h, w = ex.scene.height, ex.scene.width
         for obj in ex.scene.objects:
-            polygons = S.mask_to_polygons(obj.visible)
+            polygons = mask_to_polygons(obj.visible)
             assert polygons and all(p.ndim == 2 and p.shape[1] == 2 for p in polygons)
             mask = polygons_mask([p.tolist() for p in polygons], h, w)
             assert set(np.unique(mask)) <= {0, 1}
@@ -293,20 +311,20 @@ def test_polygons_cut_regions_with_holes() -> None:
         noise = cv2.GaussianBlur(rng.random((50, 64)).astype(np.float32), (0, 0), 2.0)
         masks.append((noise > np.quantile(noise, 0.5)).astype(np.uint8))
     for mask in masks:
-        polygons = S.mask_to_polygons(mask)
+        polygons = mask_to_polygons(mask)
         rebuilt = polygons_mask([p.tolist() for p in polygons], *mask.shape)
         assert np.array_equal(rebuilt, mask)
-    assert len(S.mask_to_polygons(ring)) >= 2  # the ring had to be cut
-    assert S.mask_to_polygons(np.zeros((5, 5), bool)) == []
+    assert len(mask_to_polygons(ring)) >= 2  # the ring had to be cut
+    assert mask_to_polygons(np.zeros((5, 5), bool)) == []
     with pytest.raises(ValueError, match=r"\(H, W\)"):
-        S.mask_to_polygons(np.zeros((2, 3, 4), bool))
+        mask_to_polygons(np.zeros((2, 3, 4), bool))
 
 
 # ----------------------------------------------------------------------------------------------
 # Queries
 
 
-def test_query_targets_match_the_scene(examples: list[S.Example]) -> None:
+def test_query_targets_match_the_scene(examples: list[Example]) -> None:
     concepts: dict[str, int] = {}
     n_multi = n_sentences = 0
     for ex in examples:
@@ -315,8 +333,8 @@ def test_query_targets_match_the_scene(examples: list[S.Example]) -> None:
         for q in ex.queries:
             concepts[f"{q.kind}:{q.concept}"] = concepts.get(f"{q.kind}:{q.concept}", 0) + 1
             assert 1 <= len(q.texts) <= 3 and len(set(q.texts)) == len(q.texts)
-            assert q.answer.count(S.SEG_TOKEN) == len(q.target_ids)
-            assert S.SEG_TOKEN not in q.explanation and q.explanation
+            assert q.answer.count(SEG_TOKEN) == len(q.target_ids)
+            assert SEG_TOKEN not in q.explanation and q.explanation
             if q.kind == "absent":
                 assert q.target_ids == ()
                 assert re.search(r"\b(no|nothing|Nothing)\b", q.answer), q.answer
@@ -360,7 +378,7 @@ def test_query_targets_match_the_scene(examples: list[S.Example]) -> None:
         assert concepts.get(concept, 0) > 0, concept
 
 
-def test_absent_queries_name_nothing_in_the_scene(examples: list[S.Example]) -> None:
+def test_absent_queries_name_nothing_in_the_scene(examples: list[Example]) -> None:
     for ex in examples:
         names = {o.name for o in ex.scene.objects}
         colours = {o.colour for o in ex.scene.objects}
@@ -378,18 +396,18 @@ def test_absent_queries_name_nothing_in_the_scene(examples: list[S.Example]) -> 
 
 
 def test_colour_and_shape_knowledge_tables_are_right() -> None:
-    for colour, things in S._COLOUR_THINGS.items():
+    for colour, things in COLOUR_THINGS.items():
         for thing in things:
             assert THING_COLOUR[thing] == colour
-    for shape, kind in S._SHAPE_KINDS.items():
+    for shape, kind in SHAPE_KINDS.items():
         for phrase in kind.with_phrases + kind.like_phrases:
             assert find_shape_hint(phrase) == shape
 
 
-def _object(k: int, shape: str, colour: str, mask: np.ndarray) -> S.SceneObject:
+def _object(k: int, shape: str, colour: str, mask: np.ndarray) -> SceneObject:
     cov = mask.astype(np.float32)
     x, y = centroid(mask)
-    return S.SceneObject(k, shape, colour, (x, y), 10.0, 0.0, (), cov, mask, mask.copy())
+    return SceneObject(k, shape, colour, (x, y), 10.0, 0.0, (), cov, mask, mask.copy())
 
 
 def test_hand_made_scene_queries() -> None:
@@ -408,8 +426,8 @@ def test_hand_made_scene_queries() -> None:
         _object(1, "square", "blue", masks[1]),
         _object(2, "triangle", "green", masks[2]),
     )
-    scene = S.Scene(h, w, np.full((h, w, 3), 140, np.uint8), "plain", objects)
-    queries = S.make_queries(scene, np.random.default_rng(0))
+    scene = Scene(h, w, np.full((h, w, 3), 140, np.uint8), "plain", objects)
+    queries = make_queries(scene, np.random.default_rng(0))
     by_concept: dict[str, set[tuple[int, ...]]] = {}
     for q in queries:
         key = q.concept
@@ -445,8 +463,8 @@ def test_hand_made_scene_queries() -> None:
         _object(1, "square", "red", masks2[1]),
         _object(2, "triangle", "green", masks2[2]),
     )
-    scene2 = S.Scene(h, w, np.full((h, w, 3), 140, np.uint8), "plain", objects2)
-    queries2 = S.make_queries(scene2, np.random.default_rng(0))
+    scene2 = Scene(h, w, np.full((h, w, 3), 140, np.uint8), "plain", objects2)
+    queries2 = make_queries(scene2, np.random.default_rng(0))
     reds = [q for q in queries2 if q.concept == "colour" and len(q.target_ids) > 1]
     assert reds and reds[0].target_ids == (0, 1)
     assert reds[0].texts[0] in ("all the red objects", "every red shape", "the red things")
@@ -456,11 +474,11 @@ def test_hand_made_scene_queries() -> None:
 
 def test_query_validation() -> None:
     with pytest.raises(ValueError, match="one \\[SEG\\] per target"):
-        S.Query(("the x",), False, "explicit", "shape", (0, 1), "It is [SEG].", "why")
+        Query(("the x",), False, "explicit", "shape", (0, 1), "It is [SEG].", "why")
     with pytest.raises(ValueError, match="absent"):
-        S.Query(("the x",), False, "absent", "shape", (0,), "It is [SEG].", "why")
+        Query(("the x",), False, "absent", "shape", (0,), "It is [SEG].", "why")
     with pytest.raises(ValueError, match="kind"):
-        S.Query(("the x",), False, "other", "shape", (0,), "It is [SEG].", "why")
+        Query(("the x",), False, "other", "shape", (0,), "It is [SEG].", "why")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,7 +494,7 @@ def _files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes") / "ds"
-    summary = S.write_dataset(out, {"train": 12, "val": 4, "test": 3}, seed=5)
+    summary = write_dataset(out, {"train": 12, "val": 4, "test": 3}, seed=5)
     assert summary.counts == {"train": 12, "val": 4, "test": 3}
     return out
 
@@ -484,7 +502,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_layout_and_reason_seg_jsons(written: Path) -> None:
     meta = json.loads((written / "meta.json").read_text())
     assert meta["seed"] == 5 and meta["counts"] == {"train": 12, "val": 4, "test": 3}
-    assert meta["version"] == S.GENERATOR_VERSION and meta["palette"]["red"] == [215, 35, 35]
+    assert meta["version"] == GENERATOR_VERSION and meta["palette"]["red"] == [215, 35, 35]
     for split, n in meta["counts"].items():
         folder = written / split
         assert len(list(folder.glob("*.jpg"))) == n
@@ -496,7 +514,7 @@ def test_layout_and_reason_seg_jsons(written: Path) -> None:
         explanatory = json.loads((written / "explanatory" / f"{split}.json").read_text())
         assert {e["image"] for e in explanatory} == {p.with_suffix(".jpg").name for p in jsons}
         for index, (json_path, line) in enumerate(zip(jsons, lines)):
-            ex = S.make_example(5, split, index)
+            ex = make_example(5, split, index)
             assert json_path.stem == ex.image_id
             anno = json.loads(json_path.read_text())
             assert set(anno) == {"text", "is_sentence", "shapes"}
@@ -544,7 +562,7 @@ def test_json_query_mix(written: Path) -> None:
 
 def test_same_seed_same_files_other_seed_differs(written: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    S.write_dataset(again, {"train": 12, "val": 4, "test": 3}, seed=5, workers=2)
+    write_dataset(again, {"train": 12, "val": 4, "test": 3}, seed=5, workers=2)
     a, b = _files(written), _files(again)
     assert a.keys() == b.keys()
     for name in a:
@@ -555,24 +573,24 @@ def test_same_seed_same_files_other_seed_differs(written: Path, tmp_path: Path) 
         elif name != "meta.json":
             assert a[name] == b[name], name
     other = tmp_path / "other"
-    S.write_dataset(other, {"val": 2}, seed=6)
+    write_dataset(other, {"val": 2}, seed=6)
     assert (other / "val" / "val_000000.json").read_bytes() != a["val/val_000000.json"]
 
 
 def test_splits_do_not_depend_on_other_counts(written: Path, tmp_path: Path) -> None:
     out = tmp_path / "png"
-    S.write_dataset(out, {"train": 1, "val": 2}, seed=5, image_format="png")
+    write_dataset(out, {"train": 1, "val": 2}, seed=5, image_format="png")
     assert not (out / "test").exists()
     for name in ("val_000000", "val_000001"):
         assert (out / "val" / f"{name}.json").read_bytes() == (
             written / "val" / f"{name}.json"
         ).read_bytes()
         png = cv2.imread(str(out / "val" / f"{name}.png"))[:, :, ::-1]
-        assert np.array_equal(png, S.make_example(5, "val", int(name[-1])).image)  # lossless
+        assert np.array_equal(png, make_example(5, "val", int(name[-1])).image)  # lossless
 
 
 def test_absent_queries_in_jsons_give_empty_masks(tmp_path: Path) -> None:
-    S.write_dataset(tmp_path / "ds", {"val": 3}, seed=1, absent_json_rate=1.0)
+    write_dataset(tmp_path / "ds", {"val": 3}, seed=1, absent_json_rate=1.0)
     for path in sorted((tmp_path / "ds" / "val").glob("*.json")):
         anno = json.loads(path.read_text())
         assert anno["shapes"] == []
@@ -583,17 +601,17 @@ def test_absent_queries_in_jsons_give_empty_masks(tmp_path: Path) -> None:
 
 def test_refuses_to_overwrite_unless_forced(tmp_path: Path) -> None:
     out = tmp_path / "ds"
-    S.write_dataset(out, {"train": 4}, seed=0)
+    write_dataset(out, {"train": 4}, seed=0)
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):
-        S.write_dataset(out, {"train": 2}, seed=0)
+        write_dataset(out, {"train": 2}, seed=0)
     assert len(list((out / "train").glob("*.jpg"))) == 4
-    S.write_dataset(out, {"train": 2}, seed=0, force=True)
+    write_dataset(out, {"train": 2}, seed=0, force=True)
     assert len(list((out / "train").glob("*.jpg"))) == 2  # stale images removed
     assert (out / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "meta.json").read_text())["counts"]["train"] == 2
     with pytest.raises(ValueError, match="unknown split"):
-        S.write_dataset(tmp_path / "x", {"training": 2})
+        write_dataset(tmp_path / "x", {"training": 2})
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -611,10 +629,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "2",
         "--no-progress",
     ]
-    assert S.main(argv) == 0
+    assert make_shapes_main(argv) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["counts"] == {"train": 3, "val": 2, "test": 1} and meta["seed"] == 2
     assert "wrote 6 images" in capsys.readouterr().out
-    assert S.main(argv) == 2
+    assert make_shapes_main(argv) == 2
     assert "not empty" in capsys.readouterr().err
-    assert S.main([*argv, "--force"]) == 0
+    assert make_shapes_main([*argv, "--force"]) == 0

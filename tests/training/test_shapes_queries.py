@@ -15,16 +15,11 @@ from lisa_model.prompts import (
     SEG_TOKEN,
     SHORT_QUESTION_LIST,
 )
-from training import shapes as S
 from training.data.reason_seg import ReasonSegValDataset
-from training.data.shapes_queries import (
-    SIDECAR_FILE,
-    ShapesQueriesFile,
-    ShapesQueryDataset,
-    ShapesQueryMix,
-    ShapesValDataset,
-)
 from training.data.types import DataFileNotFoundError, DataFormatError
+from training.shapes.datasets import ShapesQueryDataset, ShapesQueryMix, ShapesValDataset
+from training.shapes.records import ShapesQueriesFile
+from training.shapes.writer import SIDECAR_FILE, Example, make_example, write_dataset
 
 SEED = 3
 N_TRAIN, N_VAL = 6, 3
@@ -33,12 +28,12 @@ N_TRAIN, N_VAL = 6, 3
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
-    S.write_dataset(out, {"train": N_TRAIN, "val": N_VAL}, seed=SEED)
+    write_dataset(out, {"train": N_TRAIN, "val": N_VAL}, seed=SEED)
     return out
 
 
-def _example(split: str, index: int) -> S.Example:
-    return S.make_example(SEED, split, index)
+def _example(split: str, index: int) -> Example:
+    return make_example(SEED, split, index)
 
 
 def _visible(split: str, index: int, object_id: int) -> np.ndarray:
@@ -238,7 +233,7 @@ def test_errors_name_the_file(data_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("style", ["segment", "concept", "terse"])
 def test_answer_styles_restate_the_query_not_the_scene(data_dir: Path, style: str) -> None:
-    from training.data.shapes_queries import concept_answer, terse_answer
+    from training.shapes.datasets import concept_answer, terse_answer
 
     mix = ShapesQueryMix(absent=0.0, plain_answer=0.0, explain=0.0, **{f"{style}_answer": 1.0})
     ds = ShapesQueryDataset(data_dir, "train", num_queries_per_image=4, mix=mix)

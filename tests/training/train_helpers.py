@@ -33,7 +33,8 @@ def make_test_checkpoint(directory: Path, layout: str = "7b-v1", seed: int = 0) 
 
 def make_shapes_data(root: Path, train: int = 4, val: int = 2, seed: int = 0) -> Path:
     """``root/reason_seg/ReasonSeg/{train,val}`` with small synthetic shapes images."""
-    from training.shapes import ShapesConfig, write_dataset
+    from training.shapes.scene import ShapesConfig
+    from training.shapes.writer import write_dataset
 
     small = ShapesConfig(min_side=64, max_side=96, min_radius_px=6, min_visible_px=30)
     write_dataset(

@@ -18,9 +18,9 @@ import numpy as np
 from training.data.reason_seg import ReasonSegDataset, ReasonSegValDataset
 from training.data.refer_seg import REFER_DATASETS, ReferSegDataset, ReferSegValDataset
 from training.data.sem_seg import SEM_SEG_SOURCES, SemSegDataset
-from training.data.shapes_queries import ShapesQueryDataset, ShapesQueryMix
 from training.data.types import DataFileNotFoundError, Sample, check_index, item_rng
 from training.data.vqa import VQADataset
+from training.shapes.datasets import ShapesQueryDataset, ShapesQueryMix
 
 DATASET_TYPES = ("sem_seg", "refer_seg", "vqa", "reason_seg", "shapes")
 
@@ -127,7 +127,7 @@ class DataConfig:
         dataset_dir: the root holding ``ade20k/``, ``coco/``, ``refer_seg/``, ``reason_seg/``...
         datasets: ``||``-separated types out of ``sem_seg``, ``refer_seg``, ``vqa``,
             ``reason_seg``, ``shapes`` (the synthetic data's full query set, see
-            :mod:`training.data.shapes_queries`).
+            :mod:`training.shapes.datasets`).
         sample_rates: one weight per type (``"9,3,3,1"`` or a sequence).
         sem_seg_data: ``||``-separated semantic-segmentation sources.
         refer_seg_data: ``||``-separated REFER datasets (train split each).
@@ -142,7 +142,7 @@ class DataConfig:
             (e.g. ``"colour||colour_knowledge"``); empty: all.
         shapes_answers: probabilities of the ``segment``, ``plain``, ``concept`` and ``terse``
             answer styles of ``shapes`` samples (the rest: the query's own answer), see
-            :class:`~training.data.shapes_queries.ShapesQueryMix`.
+            :class:`~training.shapes.datasets.ShapesQueryMix`.
         explanatory: probability of text-only explanatory answers, -1 to disable.
         num_classes_per_sample: classes/sentences (conversations) per image, at most.
         seed: base seed of every generator.

@@ -1,30 +1,20 @@
-"""The synthetic reasoning-shapes data through its full query set (``<split>/queries.jsonl``).
+"""Training and validation samples over every query of a reasoning-shapes split.
 
-A ReasonSeg json of :mod:`training.shapes` holds one query per image; the sidecar
-``queries.jsonl`` holds all of them (about 40 per image): explicit and reasoning queries, several
-targets (one ``[SEG]`` per target, in order), absent targets (an answer without ``[SEG]``) and an
-explanation for each. Line ``i`` describes image ``i`` of the split::
-
-    {"image": "<file>", "height": H, "width": W, "objects": [{"id": k, "polygons": [...], ...}],
-     "queries": [{"texts": [...], "is_sentence": bool, "kind": "explicit"|"reasoning"|"absent",
-                  "concept": str, "target_ids": [k, ...], "answer": str, "explanation": str}],
-     "json_query": int}
-
-Object masks are the ReasonSeg rasterisation of the object's polygons (exactly the visible
-region, see :func:`training.data.reason_seg.polygons_to_mask`).
-
-:class:`ShapesQueryDataset` draws training conversations from it in the paper's question
-templates (the same ones as :class:`~training.data.reason_seg.ReasonSegDataset`), so a model
-trained on it answers the questions the predictor asks (:func:`lisa_model.prompts.format_query`)
-and the validation template. :class:`ShapesValDataset` gives one teacher-forced validation sample
-per query (the ReasonSeg validation template), for per-kind metrics over every query of a split.
+:class:`ShapesQueryDataset` draws training conversations from ``<split>/queries.jsonl``
+(:mod:`training.shapes.records`) in the paper's question templates (the same ones as
+:class:`~training.data.reason_seg.ReasonSegDataset`), so a model trained on it answers the
+questions the predictor asks (:func:`lisa_model.prompts.format_query`) and the validation
+template; its answers take the styles of :class:`ShapesQueryMix`, among them the query's concept
+restated from its words (:func:`query_focus`, :func:`concept_answer`, :func:`terse_answer`).
+:class:`ShapesValDataset` gives one teacher-forced validation sample per query (the ReasonSeg
+validation template), for per-kind metrics over every query of a split. ``lisa-train`` reads
+them as ``datasets: shapes`` (:mod:`training.data.mixture`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +28,7 @@ from lisa_model.prompts import (
     SEGMENT_ONLY_ANSWER,
     SHORT_QUESTION_LIST,
 )
-from training.data.reason_seg import polygons_to_mask
 from training.data.types import (
-    DataFormatError,
     Sample,
     check_counts,
     check_image_size,
@@ -49,191 +37,14 @@ from training.data.types import (
     read_image,
     require_path,
 )
-
-SIDECAR_FILE = "queries.jsonl"
-QUERY_KINDS = ("explicit", "reasoning", "absent")
-#: Query groups of :attr:`ShapesQueryMix.present_weights`, in order.
-PRESENT_GROUPS = ("explicit", "reasoning phrase", "reasoning sentence")
-
-
-# --------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class ShapesObjectRecord:
-    """One object of a scene: ``polygons`` are ``(K, 2)`` int64 ``(x, y)`` pixel points."""
-
-    object_id: int
-    shape: str
-    colour: str
-    polygons: tuple[np.ndarray, ...]
-
-
-@dataclass(frozen=True)
-class ShapesQueryRecord:
-    """One query of a scene; ``answer`` has one ``[SEG]`` per entry of ``target_ids``."""
-
-    texts: tuple[str, ...]
-    is_sentence: bool
-    kind: str
-    concept: str
-    target_ids: tuple[int, ...]
-    answer: str
-    explanation: str
-
-    @property
-    def group(self) -> str:
-        """``"absent"`` or one of :data:`PRESENT_GROUPS`."""
-        if self.kind == "absent":
-            return "absent"
-        if self.kind == "explicit":
-            return "explicit"
-        return "reasoning sentence" if self.is_sentence else "reasoning phrase"
-
-
-@dataclass(frozen=True)
-class ShapesImageRecord:
-    """One line of ``queries.jsonl``: an image with its objects and all its queries."""
-
-    image: str
-    height: int
-    width: int
-    objects: tuple[ShapesObjectRecord, ...]
-    queries: tuple[ShapesQueryRecord, ...]
-    json_query: int
-    # object_mask's rasterised masks, kept for the life of this record (callers that want
-    # several maps of one image rasterise each object once)
-    _masks: dict[int, np.ndarray] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-
-    def object_mask(self, object_id: int) -> np.ndarray:
-        """``(H, W)`` uint8 0/1 visible region of object ``object_id`` (image frame; a read-only
-        array, rasterised once per record)."""
-        mask = self._masks.get(object_id)
-        if mask is None:
-            obj = self.objects[object_id]
-            shapes = [{"label": "target", "points": p} for p in obj.polygons]
-            mask = polygons_to_mask(shapes, self.height, self.width, Path(self.image))
-            mask.flags.writeable = False
-            self._masks[object_id] = mask
-        return mask
-
-    def union_mask(self, object_ids: Sequence[int]) -> np.ndarray:
-        """``(H, W)`` uint8 0/1 union of the objects' visible regions (all zero when empty)."""
-        mask = np.zeros((self.height, self.width), dtype=np.uint8)
-        for k in object_ids:
-            mask |= self.object_mask(k)
-        return mask
-
-
-def _require(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> object:
-    if not isinstance(obj, dict) or key not in obj:
-        raise DataFormatError(f"{where}: missing key {key!r}")
-    value = obj[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DataFormatError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def parse_image_record(obj: object, where: str) -> ShapesImageRecord:
-    """Validate one decoded ``queries.jsonl`` line.
-
-    Raises:
-        DataFormatError: naming ``where`` and the offending key.
-    """
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    height = int(_require(obj, "height", int, where))
-    width = int(_require(obj, "width", int, where))
-    objects = []
-    for k, o in enumerate(_require(obj, "objects", list, where)):
-        w = f"{where} objects[{k}]"
-        if _require(o, "id", int, w) != k:
-            raise DataFormatError(f"{w}: 'id' must equal its position {k}")
-        polygons = tuple(
-            np.asarray(p, dtype=np.int64).reshape(-1, 2) for p in _require(o, "polygons", list, w)
-        )
-        if not polygons or any(len(p) == 0 for p in polygons):
-            raise DataFormatError(f"{w}: 'polygons' must be a non-empty list of point lists")
-        objects.append(
-            ShapesObjectRecord(k, str(o.get("shape", "")), str(o.get("colour", "")), polygons)
-        )
-    queries = []
-    for j, q in enumerate(_require(obj, "queries", list, where)):
-        w = f"{where} queries[{j}]"
-        texts = _require(q, "texts", list, w)
-        kind = _require(q, "kind", str, w)
-        targets = _require(q, "target_ids", list, w)
-        answer = _require(q, "answer", str, w)
-        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise DataFormatError(f"{w}: 'texts' must be a non-empty list of non-empty strings")
-        if kind not in QUERY_KINDS:
-            raise DataFormatError(f"{w}: 'kind' must be one of {QUERY_KINDS}, got {kind!r}")
-        if not all(isinstance(t, int) and 0 <= t < len(objects) for t in targets):
-            raise DataFormatError(f"{w}: 'target_ids' must be object ids, got {targets!r}")
-        if (kind == "absent") != (not targets) or answer.count(SEG_TOKEN) != len(targets):
-            raise DataFormatError(
-                f"{w}: the answer must hold one {SEG_TOKEN} per target and absent queries "
-                f"none; got kind {kind!r}, {len(targets)} targets, answer {answer!r}"
-            )
-        queries.append(
-            ShapesQueryRecord(
-                texts=tuple(texts),
-                is_sentence=bool(_require(q, "is_sentence", bool, w)),
-                kind=kind,
-                concept=str(q.get("concept", "")),
-                target_ids=tuple(int(t) for t in targets),
-                answer=answer,
-                explanation=str(_require(q, "explanation", str, w)),
-            )
-        )
-    json_query = int(_require(obj, "json_query", int, where))
-    if not 0 <= json_query < len(queries):
-        raise DataFormatError(f"{where}: 'json_query' {json_query} is not a query index")
-    return ShapesImageRecord(
-        image=str(_require(obj, "image", str, where)),
-        height=height,
-        width=width,
-        objects=tuple(objects),
-        queries=tuple(queries),
-        json_query=json_query,
-    )
-
-
-class ShapesQueriesFile:
-    """Random access to the lines of a ``queries.jsonl`` without holding them parsed.
-
-    Only the byte offsets of the lines are kept (a split of 10k images is ~200 MB of JSON);
-    :meth:`record` reads and validates one line.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = require_path(Path(path), "shapes query sidecar (queries.jsonl)")
-        offsets = []
-        with self.path.open("rb") as f:
-            pos = 0
-            for line in f:
-                if line.strip():
-                    offsets.append(pos)
-                pos += len(line)
-        if not offsets:
-            raise DataFormatError(f"{self.path}: no records; expected one JSON object per line")
-        self.offsets = offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def record(self, i: int) -> ShapesImageRecord:
-        """The validated record of line ``i`` (0-based, blank lines skipped)."""
-        i = check_index(i, len(self), str(self.path))
-        with self.path.open("rb") as f:
-            f.seek(self.offsets[i])
-            line = f.readline()
-        where = f"{self.path} line {i + 1}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(f"{where}: not valid JSON ({exc})") from exc
-        return parse_image_record(obj, where)
+from training.shapes.queries import QUERY_KINDS
+from training.shapes.records import (
+    PRESENT_GROUPS,
+    ShapesImageRecord,
+    ShapesQueriesFile,
+    ShapesQueryRecord,
+)
+from training.shapes.writer import SIDECAR_FILE
 
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
@@ -247,7 +58,8 @@ def segment_question(text: str, is_sentence: bool, rng: np.random.Generator) -> 
     return _pick(rng, SHORT_QUESTION_LIST).format(class_name=text.lower())
 
 
-#: Comparison concepts of :mod:`training.shapes` -> (terse key, noun phrase) of their target.
+#: Comparison concepts of :mod:`training.shapes.queries` -> (terse key, noun phrase) of their
+#: target.
 _COMPARISON_FOCUS: dict[str, tuple[str, str]] = {
     "most_corners": ("most corners", "one with the most corners"),
     "fewest_corners": ("fewest corners", "one with the fewest corners"),
@@ -304,7 +116,8 @@ def query_focus(record: ShapesImageRecord, query: ShapesQueryRecord) -> Focus:
     winner only the image tells.
 
     Raises:
-        ValueError: for an absent query, or a concept :mod:`training.shapes` does not make.
+        ValueError: for an absent query, or a concept :mod:`training.shapes.queries` does not
+            make.
     """
     if query.kind == "absent" or not query.target_ids:
         raise ValueError(f"query_focus: {query.texts[0]!r} has no target")
@@ -391,11 +204,12 @@ class ShapesQueryMix:
             ``[SEG]``, e.g. ``"There is no purple star in this image."``).
         present_weights: weights of the present-target groups :data:`PRESENT_GROUPS`
             (explicit, reasoning phrase, reasoning sentence); a group is drawn, then a query in
-            it uniformly. The default is the ReasonSeg json policy of :mod:`training.shapes`.
+            it uniformly. The default is the ReasonSeg json policy of
+            :mod:`training.shapes.writer`.
         segment_answer / plain_answer / concept_answer / terse_answer: answer-style
             probabilities (sum <= 1).
         concepts: only queries of these concepts (``"colour"``, ``"colour_knowledge"``,
-            ``"roll"``, ...; see :mod:`training.shapes`); empty: all. An image without any
+            ``"roll"``, ...; see :mod:`training.shapes.queries`); empty: all. An image without any
             such query uses all of its queries.
         explain: probability that the question asks for an explanation (the paper's
             ``EXPLANATORY_QUESTION_LIST``); the answer is then followed by the explanation.
@@ -532,7 +346,7 @@ class ShapesQueryDataset:
     def draw_turns(self, record: ShapesImageRecord, rng: np.random.Generator) -> list[Turn]:
         """The conversations of one sample of ``record`` (no image is read): the queries
         :meth:`_choose` picks, each asked in a training template and answered in a style of
-        :attr:`mix`. Also what :func:`training.demo_model.warm_up_language` trains on."""
+        :attr:`mix`. Also what :func:`training.demo_model.language.warm_up_language` trains on."""
         turns = []
         for j in self._choose(record, rng):
             q = record.queries[j]
