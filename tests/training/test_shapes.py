@@ -31,7 +31,7 @@ from training.shapes.writer import (
 from training.shapes.writer import main as make_shapes_main
 
 # ----------------------------------------------------------------------------------------------
-# Independent helpers (written from LISA_REFERENCE.md 5, not from the generator)
+# Independent helpers (written from the ReasonSeg format, not from the generator)
 
 
 def reason_seg_mask(shapes: list[dict], height: int, width: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The reasoning-shapes data set on disk, in the ReasonSeg layout, and ``lisa-make-shapes``.
 
-On-disk layout written by :func:`write_dataset` (the ReasonSeg layout, see LISA_REFERENCE.md 5)::
+On-disk layout written by :func:`write_dataset` (the ReasonSeg layout of the original)::
 
     <out>/<split>/<image_id>.jpg     RGB, JPEG quality 95, 4:4:4 chroma (ReasonSeg loaders glob
                                      *.jpg; ``image_format="png"`` writes lossless .png instead)
