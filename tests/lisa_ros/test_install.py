@@ -5,7 +5,7 @@
 ``lib/lisa_ros/lisa_node``, so that the generated types load in any Python of the venv with no
 setup, and ``ros2 run``/``ros2 launch`` find lisa_ros where the venv is on ``AMENT_PREFIX_PATH``.
 These tests check the venv's install without rebuilding it (make venv built it once), the tools'
-pieces on temporary prefixes, and (slow) a build from scratch into a temporary prefix.
+pieces on temporary prefixes, and a build from scratch into a temporary prefix.
 """
 
 from __future__ import annotations
@@ -205,7 +205,6 @@ def test_a_bad_definition_fails_the_build_with_the_generators_message(
     assert not (tmp_path / "prefix").exists()
 
 
-@pytest.mark.slow
 def test_fresh_build_into_a_temporary_prefix(tmp_path: Path) -> None:
     """A build from scratch (about 25 s on 2 idle cores), then a no-op second run; the result
     loads from that prefix when it comes first on the paths, as a colcon install would."""

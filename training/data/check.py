@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from training.data.mixture import DataConfig, MixtureDataset, build_dataset, build_val_dataset
-from training.data.shapes_queries import ShapesQueryDataset, ShapesValDataset
+from training.shapes.datasets import ShapesQueryDataset, ShapesValDataset
 from training.data.types import DataFormatError, image_size
 
 
