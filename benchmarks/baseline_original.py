@@ -122,3 +122,61 @@ def original_inference(
     timings["sam_encoder"] = t1 - t0
     timings["masks"] = t2 - t1
     return OriginalResult(generated, logits_np, timings, steps=len(generated))
+
+
+@torch.inference_mode()
+def original_one_forward(
+    model: LisaModel,
+    rgb: np.ndarray,
+    conversation_ids: list[int],
+    clock: Callable[[], float] = time.perf_counter,
+) -> OriginalResult:
+    """The original's teacher-forced pass (``LISAForCausalLM.model_forward`` as validation runs
+    it) for one image and one finished conversation, e.g. the answer ``"[SEG]."``.
+
+    SAM's image encoder and the whole CLIP tower (every hidden state kept) run on the frame; the
+    LLM runs ONE forward over all ``conversation_ids`` without a KV cache or attention mask,
+    computing the logits of every position and keeping every layer's states
+    (``output_hidden_states=True``); the last layer's states at the ``[SEG]`` positions (the
+    token before each ``[SEG]``) are projected (``text_hidden_fcs``), decoded by SAM and
+    upsampled to the frame. Nothing is reused across calls: every call costs a new frame.
+
+    Args:
+        conversation_ids: ids of the prompt AND the answer, with the image placeholder (``-200``),
+            e.g. ``tokenizer_image_token(build_chat_prompt(text, answer="[SEG]."))``.
+        clock: as :func:`original_inference`.
+
+    Returns:
+        :class:`OriginalResult` with ``token_ids`` empty, ``steps`` 1 and ``(n_seg, H, W)`` logits.
+    """
+    timings = dict.fromkeys(("preprocess", "clip", "llm", "sam_encoder", "masks"), 0.0)
+    t0 = clock()
+    prepared = prepare_image(rgb, sam_size=model.sam_image_size)
+    timings["preprocess"] = clock() - t0
+
+    t0 = clock()
+    embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64); SAM first
+    t1 = clock()
+    features = clip_features_as_original(model, prepared.clip.unsqueeze(0))  # (1, P, H)
+    t2 = clock()
+    ids = torch.tensor([conversation_ids], device=model.device)
+    embeds, _, _ = model.embed_inputs(ids, features)
+    out = model.llm(inputs_embeds=embeds, use_cache=False, output_hidden_states=True)
+    hidden = out.hidden_states[-1]  # (1, L', H) after the final norm
+    t3 = clock()
+    rows, positions = seg_hidden_positions(
+        ids, model.seg_token_id, model.image_token_index, model.num_image_tokens
+    )
+    seg_hidden = hidden[rows, positions]  # (n_seg, H)
+    if seg_hidden.shape[0]:
+        prompts = model.project_seg_hidden(seg_hidden)
+        low_res = model.decode_masks(embedding, prompts)
+        logits = postprocess_masks(
+            low_res, prepared.resized_hw, prepared.original_hw, model.sam_image_size
+        )
+        logits_np = logits.float().cpu().numpy()
+    else:
+        logits_np = np.zeros((0, *prepared.original_hw), dtype=np.float32)
+    t4 = clock()
+    timings.update(sam_encoder=t1 - t0, clip=t2 - t1, llm=t3 - t2, masks=t4 - t3)
+    return OriginalResult([], logits_np, timings, steps=1)

@@ -7,11 +7,16 @@ For each model size (random weights, a sentencepiece tokenizer trained in-proces
   decoding (1 and 3 masks), post-processing, and SAM's mask-token heads (all 4 vs only token 0);
 - per-query latency of
   (a) ``original``: the original's decoding without a KV cache (``baseline_original.py``),
+  (a') ``original 1-fwd``: the original's ONE teacher-forced forward of the prompt and the answer
+  ``"[SEG]."`` (``baseline_original.original_one_forward``), the baseline of the fast path; it
+  has no per-frame reuse, so it costs the same on a new frame and on a frame already set,
   (b) ``kv-cache``: ``LisaPredictor`` generation on a fresh frame (``set_image`` + ``predict``),
   (c) ``fast``: the segment-only path on a fresh frame,
   (d) ``kv-cache 2nd+`` / ``fast 2nd+``: the 2nd..kth query on a frame already set;
   every generation is forced to ``--new-tokens`` ids (EOS can never win, see
-  ``bench_common.build_bench_model``) and the generated lengths are reported;
+  ``bench_common.build_bench_model``) and the generated lengths are reported; every run checks
+  ``kv-cache`` against ``original`` (same ids, mask logits) and ``fast`` against
+  ``original 1-fwd`` (mask logits);
 - peak memory per path (RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU) against the
   weights plus the activations the script accounts for (``bench_common.activation_estimate``);
 - the ratios the speed targets name.
@@ -39,7 +44,11 @@ import torch
 if __package__ in (None, ""):  # run as a file: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.baseline_original import clip_features_as_original, original_inference
+from benchmarks.baseline_original import (
+    clip_features_as_original,
+    original_inference,
+    original_one_forward,
+)
 from benchmarks.bench_common import (
     QUERIES,
     Activations,
@@ -69,7 +78,7 @@ from lisa_model.modeling import dense_positional_encoding
 from lisa_model.options import DTYPE_NAMES, parse_dtype
 from lisa_model.predictor import LisaPredictor
 from lisa_model.processing import postprocess_masks, prepare_image
-from lisa_model.prompts import format_query
+from lisa_model.prompts import SEGMENT_ONLY_ANSWER, build_chat_prompt, format_query
 from lisa_model.sam import SamGeometry
 
 SIZES: dict[str, BenchSize] = {
@@ -111,11 +120,12 @@ SIZES: dict[str, BenchSize] = {
 TARGETS = {
     "kv_vs_original": 4.0,
     "fast_vs_original": 10.0,
+    "fast_vs_original_1fwd": 1.5,
     "second_vs_first": 3.0,
     "memory_factor": 1.2,
 }
 
-PATHS = ("original", "kv-cache", "fast", "kv-cache 2nd+", "fast 2nd+")
+PATHS = ("original", "kv-cache", "original 1-fwd", "fast", "kv-cache 2nd+", "fast 2nd+")
 
 
 @dataclass
@@ -143,6 +153,7 @@ class SizeResult:
     paths: dict[str, PathResult]
     same_ids_as_original: bool
     max_mask_diff: float
+    max_mask_diff_1fwd: float
     ratios: dict[str, float]
     cpu_ratios: dict[str, float]
 
@@ -236,11 +247,31 @@ def warm_up_runtime(device: torch.device, dtype: torch.dtype, hw: tuple[int, int
     frame = random_frames(1, hw)[0]
     ids = predictor.prompt_ids(format_query(QUERIES[0], explain=True))
     original_inference(model, frame, ids, 2)
+    original_one_forward(model, frame, one_forward_ids(predictor, QUERIES[0]))
     predictor.set_image(frame)
     predictor.predict(QUERIES[0], explain=True, max_new_tokens=2)
     predictor.predict(QUERIES[0], mode="segment")
     del predictor, model
     trim_heap()
+
+
+def one_forward_ids(predictor: LisaPredictor, query: str) -> list[int]:
+    """Ids of the conversation the fast path answers teacher-forced: ``query``'s prompt (as
+    ``predict(query, mode="segment")`` builds it) with the answer ``"[SEG]."`` and ``</s>``."""
+    model = predictor.model
+    text = build_chat_prompt(
+        format_query(query),
+        predictor.template,
+        answer=SEGMENT_ONLY_ANSWER,
+        use_im_start_end=model.config.use_im_start_end,
+    )
+    ids = model.tokenizer.tokenizer_image_token(text)
+    prompt = predictor.prompt_ids(format_query(query))
+    if ids[: len(prompt)] != prompt or ids[len(prompt)] != model.seg_token_id:
+        raise RuntimeError(
+            "the teacher-forced conversation does not extend the fast path's prompt"
+        )
+    return ids
 
 
 # --------------------------------------------------------------------------- one size
@@ -278,7 +309,8 @@ def bench_size(
     if original_repeats is None:
         original_repeats = min(args.repeats, 2) if size.name == "medium" else args.repeats
     paths = {p: PathResult() for p in PATHS}
-    same_ids, mask_diff = True, 0.0
+    same_ids, mask_diff, mask_diff_1fwd = True, 0.0, 0.0
+    one_fwd_ids = one_forward_ids(predictor, QUERIES[0])
     k = args.queries_per_frame
 
     counter = WorkCounter(model)
@@ -299,6 +331,7 @@ def bench_size(
 
     # Warm-up (allocator, thread pools, lazy imports): every path once, the original short.
     original_inference(model, frames[0], prompt_ids, 2, clock)
+    original_one_forward(model, frames[0], one_fwd_ids, clock)
     predictor.set_image(frames[0])
     predictor.predict(QUERIES[0], explain=True, max_new_tokens=args.new_tokens)
     predictor.predict(QUERIES[1], mode="segment")
@@ -332,8 +365,17 @@ def bench_size(
             predictor.set_image(f)
             return predictor.predict(QUERIES[0], mode="segment")
 
+        one_fwd = run(
+            "original 1-fwd", lambda f=frame: original_one_forward(model, f, one_fwd_ids, clock)
+        )
+        paths["original 1-fwd"].masks.append(one_fwd.logits.shape[0])
         fast = run("fast", first_fast)
         paths["fast"].masks.append(fast.masks.shape[0])
+        if one_fwd.logits.shape != fast.logits.shape:
+            mask_diff_1fwd = float("inf")
+        elif fast.logits.size:
+            diff = float(np.abs(one_fwd.logits - fast.logits).max())
+            mask_diff_1fwd = max(mask_diff_1fwd, diff)
         for j in range(1, k):
             query = QUERIES[j % len(QUERIES)]
             later = run(
@@ -351,6 +393,11 @@ def bench_size(
 
     n_seg = max([1, *paths["kv-cache"].masks])
     for path, res in paths.items():
+        if path == "original 1-fwd":  # one full forward over prompt + answer, nothing kept
+            res.activations = activation_estimate(
+                model, len(one_fwd_ids) + model.num_image_tokens - 1, 0, 1, hw, original=True
+            )
+            continue
         res.activations = activation_estimate(
             model,
             prompt_tokens,
@@ -379,6 +426,7 @@ def bench_size(
         paths=paths,
         same_ids_as_original=same_ids,
         max_mask_diff=mask_diff,
+        max_mask_diff_1fwd=mask_diff_1fwd,
         ratios=ratios,
         cpu_ratios=cpu_ratios,
     )
@@ -390,6 +438,8 @@ def speed_ratios(med: dict[str, float]) -> dict[str, float]:
     return {
         "kv_vs_original": med["original"] / med["kv-cache"],
         "fast_vs_original": med["original"] / med["fast"],
+        "fast_vs_original_1fwd": med["original 1-fwd"] / med["fast"],
+        "fast_2nd_vs_original_1fwd": med["original 1-fwd"] / med["fast 2nd+"],
         "second_vs_first_generate": med["kv-cache"] / med["kv-cache 2nd+"],
         "second_vs_first_fast": med["fast"] / med["fast 2nd+"],
     }
@@ -632,7 +682,8 @@ def print_size(r: SizeResult, args: argparse.Namespace) -> None:
     print(markdown_table(["path", *keys], rows))
     print(
         f"\ngenerated ids identical to the original's: {r.same_ids_as_original}; "
-        f"largest mask-logit difference {r.max_mask_diff:.2e}\n"
+        f"largest mask-logit difference {r.max_mask_diff:.2e}; "
+        f"fast vs original 1-fwd: largest mask-logit difference {r.max_mask_diff_1fwd:.2e}\n"
     )
     rows = []
     for path, res in r.paths.items():
@@ -681,6 +732,9 @@ def print_summary(results: list[SizeResult]) -> None:
                 r.name,
                 both("kv_vs_original", "kv_vs_original"),
                 both("fast_vs_original", "fast_vs_original"),
+                both("fast_vs_original_1fwd", "fast_vs_original_1fwd"),
+                f"{r.ratios['fast_2nd_vs_original_1fwd']:.2f} "
+                f"({r.cpu_ratios['fast_2nd_vs_original_1fwd']:.2f})",
                 both("second_vs_first_fast", "second_vs_first"),
                 both("second_vs_first_generate", "second_vs_first"),
                 _check(r.ratios["memory_factor"], TARGETS["memory_factor"], below=True),
@@ -692,6 +746,8 @@ def print_summary(results: list[SizeResult]) -> None:
                 "model",
                 "kv-cache vs original (>= 4x)",
                 "fast vs original (>= 10x)",
+                "fast vs original 1-fwd, new frame (>= 1.5x)",
+                "fast 2nd+ vs original 1-fwd, set frame",
                 "2nd query vs 1st, fast (>= 3x)",
                 "2nd query vs 1st, generate (>= 3x)",
                 "peak / (weights + act.) (<= 1.2)",

@@ -30,7 +30,7 @@ def test_model_speed_quick(tmp_path):
     out_json = tmp_path / "speed.json"
     out = run_script("model_speed.py", "--quick", "--threads", "1", "--json", str(out_json))
     assert "| model | path | latency ms (median) | p95 | speedup vs original |" in out
-    for path in ("original", "kv-cache", "fast", "kv-cache 2nd+", "fast 2nd+"):
+    for path in ("original", "kv-cache", "original 1-fwd", "fast", "kv-cache 2nd+", "fast 2nd+"):
         assert f"| tiny | {path} |" in out
     assert "## Ratios and targets" in out
     assert "| stage | ms (median) |" in out and "sam image encoder" in out
@@ -42,8 +42,25 @@ def test_model_speed_quick(tmp_path):
         assert paths[name]["new_tokens"] and set(paths[name]["new_tokens"]) == {32}
         assert set(paths[name]["masks"]) == {1}  # one planted [SEG] per answer
     assert set(paths["fast"]["masks"]) == {1}
-    for key in ("kv_vs_original", "fast_vs_original", "second_vs_first_fast", "memory_factor"):
-        assert result["ratios"][key] > 0
+    # The original's one teacher-forced forward: a new frame every repeat, the fast path's mask.
+    assert set(paths["original 1-fwd"]["masks"]) == {1}
+    assert len(paths["original 1-fwd"]["latencies"]) == 2
+    assert paths["original 1-fwd"]["work"]["llm calls"] == 1
+    assert paths["original 1-fwd"]["work"]["sam encoder passes"] == 1
+    assert 0 <= result["max_mask_diff_1fwd"] < 1e-3
+    assert "fast vs original 1-fwd: largest mask-logit difference" in out
+    assert "fast vs original 1-fwd, new frame (>= 1.5x)" in out
+    assert "fast 2nd+ vs original 1-fwd, set frame" in out
+    keys = (
+        "kv_vs_original",
+        "fast_vs_original",
+        "fast_vs_original_1fwd",
+        "fast_2nd_vs_original_1fwd",
+        "second_vs_first_fast",
+        "memory_factor",
+    )
+    for key in keys:
+        assert result["ratios"][key] > 0 and result["cpu_ratios"][key] > 0
 
 
 def test_model_speed_rejects_unknown_size():
