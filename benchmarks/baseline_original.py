@@ -13,6 +13,10 @@
   the token before each ``[SEG]``), then SAM encodes the image and decodes all masks of the
   answer in one call, and the low-res masks are upsampled to the frame.
 
+:func:`original_one_forward` is the original's teacher-forced pass instead (validation's
+``model_forward``): one uncached forward over a finished conversation, the baseline of the
+package's fast path.
+
 Preprocessing, the mask decoder call and the upsampling are the package's, which the equivalence
 tests show equal to the original's; so the differences measured against this are the cache, the
 per-frame reuse and what the package skips.

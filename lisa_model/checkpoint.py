@@ -349,6 +349,7 @@ def load_lisa(
     sam_checkpoint: str | os.PathLike[str] | None = None,
     init_missing: bool = False,
     seed: int = 0,
+    encoder_dtype: str | torch.dtype | None = None,
 ) -> LisaModel:
     """Load a LISA checkpoint in the published layout.
 
@@ -363,6 +364,10 @@ def load_lisa(
             that has no ``model.visual_model.*`` weights yet (training start).
         init_missing: initialise LISA parts absent from the checkpoint (``[SEG]`` projector,
             SAM without ``sam_checkpoint``) instead of failing; for starting training only.
+        encoder_dtype: dtype of the two image encoders (CLIP tower, SAM image encoder); None =
+            ``dtype``. E.g. bfloat16 encoders with a float32 LLM on a CPU with native bfloat16
+            (:func:`lisa_model.options.native_bf16`); inputs and outputs are cast at their
+            boundaries (:meth:`~lisa_model.modeling.LisaModel.set_encoder_dtype`).
 
     Every checkpoint key must be used and every parameter provided; only known-harmless keys
     (``rotary_emb.inv_freq``, a stray vision tower) are ignored. Raises
@@ -371,6 +376,7 @@ def load_lisa(
     directory = resolve_source(source)
     config = LisaConfig.from_json_file(directory / "config.json")
     dtype = parse_dtype(dtype)
+    encoder_dtype = dtype if encoder_dtype is None else parse_dtype(encoder_dtype)
     device = torch.device(device)
     if quantization not in (None, "8bit", "4bit"):
         raise ValueError(f"quantization {quantization!r}; expected None, '8bit' or '4bit'")
@@ -477,6 +483,8 @@ def load_lisa(
         model.to(device)
     else:
         model.to(device=device, dtype=dtype)
+    if encoder_dtype != dtype:
+        model.set_encoder_dtype(encoder_dtype)
     return model
 
 

@@ -192,7 +192,25 @@ class LisaModel(nn.Module):
 
     @property
     def sam_dtype(self) -> torch.dtype:
+        """The dtype of SAM's prompt encoder and mask decoder (and of image embeddings)."""
         return self.sam.mask_decoder.iou_token.weight.dtype
+
+    @property
+    def sam_encoder_dtype(self) -> torch.dtype:
+        """The dtype SAM's image encoder computes in (may differ: :meth:`set_encoder_dtype`)."""
+        return next(self.sam.image_encoder.parameters()).dtype
+
+    def set_encoder_dtype(self, dtype: torch.dtype) -> LisaModel:
+        """Cast the two image encoders (the CLIP tower and SAM's image encoder) to ``dtype``,
+        leaving the LLM, the projectors and SAM's decoder as they are.
+
+        :meth:`encode_clip` and :meth:`encode_sam` cast at the boundaries: pixels go in as
+        ``dtype``, features come out in the projector's / mask decoder's dtype. E.g. bfloat16
+        encoders on a CPU with native bfloat16 and a float32 LLM. Returns the model.
+        """
+        self.vision_tower.to(dtype=dtype)
+        self.sam.image_encoder.to(dtype=dtype)
+        return self
 
     @property
     def seg_token_id(self) -> int:
@@ -259,10 +277,12 @@ class LisaModel(nn.Module):
     def encode_sam(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, 3, 1024, 1024)`` normalised, padded images -> ``(B, 256, 64, 64)`` embeddings.
 
-        Runs one image at a time (as the original) to bound activation memory.
+        Runs one image at a time (as the original) to bound activation memory, in the image
+        encoder's dtype; the embeddings are returned in :attr:`sam_dtype`.
         """
-        x = pixel_values.to(device=self.device, dtype=self.sam_dtype)
-        return torch.cat([self.sam.image_encoder(x[i : i + 1]) for i in range(x.shape[0])])
+        x = pixel_values.to(device=self.device, dtype=self.sam_encoder_dtype)
+        out = [self.sam.image_encoder(x[i : i + 1]) for i in range(x.shape[0])]
+        return torch.cat(out).to(self.sam_dtype)
 
     # ------------------------------------------------------------------ LLM inputs
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

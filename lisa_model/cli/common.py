@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from lisa_model.config import CheckpointError
-from lisa_model.options import DEFAULT_MODE, DTYPE_NAMES, MODES, resolve_device, resolve_dtype
+from lisa_model.options import (
+    DEFAULT_MODE,
+    DTYPE_NAMES,
+    MODES,
+    cpu_bf16_note,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 class UserError(Exception):
@@ -51,6 +58,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vision-tower", default=None, help="override the CLIP tower path/id")
 
 
+def add_encoder_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--encoder-dtype``: the image encoders' dtype, separate from ``--dtype`` (the LLM's)."""
+    parser.add_argument(
+        "--encoder-dtype",
+        default=None,
+        choices=DTYPE_NAMES,
+        help="dtype of the CLIP and SAM image encoders (default: --dtype); bfloat16 is a "
+        "speed-up on GPUs and on CPUs with AVX512-BF16 or AMX",
+    )
+
+
 def add_mode_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """``--mode`` with the answer modes of :data:`lisa_model.options.MODES`."""
     parser.add_argument(
@@ -70,13 +88,21 @@ def load_model_from_args(args: argparse.Namespace):
         device = resolve_device(args.device)
     except ValueError as exc:
         raise UserError(f"--device: {exc}") from None
+    dtype = resolve_dtype(args.dtype, device)
+    encoder_dtype = getattr(args, "encoder_dtype", None)
+    encoder_dtype = dtype if encoder_dtype is None else resolve_dtype(encoder_dtype, device)
+    # No silent slow path: bfloat16 (of the LLM or the encoders) on a CPU that emulates it.
+    note = next(filter(None, (cpu_bf16_note(device, d) for d in (dtype, encoder_dtype))), None)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     try:
         return load_lisa(
             source,
             device=device,
-            dtype=resolve_dtype(args.dtype, device),
+            dtype=dtype,
             quantization=args.quantization,
             vision_tower=args.vision_tower,
+            encoder_dtype=encoder_dtype,
         )
     except CheckpointError as exc:  # its message starts with the file at fault
         raise UserError(f"--model: {exc}") from None

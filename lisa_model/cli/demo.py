@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lisa_model.cli.common import (
     UserError,
+    add_encoder_dtype_argument,
     add_model_arguments,
     load_model_from_args,
     read_rgb_image,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run LISA on the bundled example scenes and commands; write overlays.",
     )
     add_model_arguments(parser)
+    add_encoder_dtype_argument(parser)
     parser.add_argument("--examples", type=Path, default=EXAMPLES_DIR, help="scenes + commands")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory")
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lisa_model.cli.common import (
     UserError,
+    add_encoder_dtype_argument,
     add_mode_argument,
     add_model_arguments,
     load_model_from_args,
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment what a plain-language query describes in one image with LISA.",
     )
     add_model_arguments(parser)
+    add_encoder_dtype_argument(parser)
     parser.add_argument("--image", required=True, help="input image (any format OpenCV reads)")
     parser.add_argument("--query", required=True, help="what to segment, in plain language")
     parser.add_argument("--explain", action="store_true", help="ask for an explanation too")
