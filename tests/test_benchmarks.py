@@ -86,3 +86,36 @@ def test_gpu_benchmark_dry_run_on_cpu():
     assert "| 7b | 7.70 B |" in out and "| 13b | 13.99 B |" in out
     fits = [line for line in out.splitlines() if line.startswith(("| 7b |", "| 13b |"))]
     assert len(fits) == 2 and all(line.rstrip().endswith("| yes |") for line in fits)
+
+
+def test_dtype_agreement_quick(tmp_path):
+    out_json = tmp_path / "dtype.json"
+    out = run_script("dtype_agreement.py", "--quick", "--threads", "1", "--json", str(out_json))
+    for model in ("demo", "fixture"):
+        assert f"### {model}: IoU with the float32 mask" in out
+        assert f"### {model}: seconds per example (set_image + predict)" in out
+    assert "| example | IoU bf16 encoders | IoU bfloat16 |" in out
+    assert "| img0/q0_short |" in out and "| scene_0#0 |" in out
+    results = {r["model"]: r for r in json.loads(out_json.read_text())}
+    assert set(results) == {"demo", "fixture"}
+    assert len(results["demo"]["examples"]) == 6  # one command per bundled scene
+    assert len(results["fixture"]["examples"]) == 3
+    for r in results.values():
+        assert set(r["iou"]) == {"float32", "bf16 encoders", "bfloat16"}
+        assert all(v == 1.0 for v in r["iou"]["float32"])  # the reference against itself
+        for precision in ("bf16 encoders", "bfloat16"):
+            ious = r["iou"][precision]
+            assert len(ious) == len(r["examples"]) and all(0.0 <= v <= 1.0 for v in ious)
+        for seconds in r["seconds"].values():
+            assert len(seconds) == len(r["examples"]) and all(s > 0 for s in seconds)
+
+
+def test_dtype_agreement_rejects_unknown_model():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "dtype_agreement.py"), "--models", "huge"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "unknown models ['huge']" in proc.stderr
