@@ -16,10 +16,9 @@ from collections.abc import Sequence
 
 import rclpy
 from action_msgs.msg import GoalStatus
+from lisa_msgs.action import Segment
 from rclpy.action import ActionClient
 from rclpy.node import Node
-
-from lisa_msgs.action import Segment
 
 EXPLAIN = {"default": Segment.Goal.EXPLAIN_DEFAULT, "no": Segment.Goal.EXPLAIN_NO}
 EXPLAIN["yes"] = Segment.Goal.EXPLAIN_YES

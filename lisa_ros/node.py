@@ -249,8 +249,13 @@ class LisaNode(LifecycleNode):
         """
         from lisa_model.checkpoint import load_lisa
         from lisa_model.config import CheckpointError
+        from lisa_model.options import cpu_bf16_note
 
         device, dtype = self.resolve_device(config)
+        for name in sorted({dtype, config.encoder_dtype or dtype}):
+            note = cpu_bf16_note(device, name)  # no silent slow path
+            if note:
+                self.get_logger().warning(note)
         source = config.model
         try:
             if not source:
@@ -263,6 +268,7 @@ class LisaNode(LifecycleNode):
                 dtype=dtype,
                 quantization=config.quantization,
                 vision_tower=config.vision_tower,
+                encoder_dtype=config.encoder_dtype or None,
             )
         except CheckpointError as exc:
             raise SettingError("model", str(exc)) from None

@@ -170,6 +170,15 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("", *DTYPE_NAMES),
     ),
     Setting(
+        "encoder_dtype",
+        "",
+        "dtype of the CLIP and SAM image encoders; empty = dtype. bfloat16 speeds them up on GPUs "
+        "and on CPUs with AVX512-BF16 or AMX (masks agree with float32 at IoU 0.99+)",
+        _MODEL,
+        Applies.STARTUP,
+        choices=("", *DTYPE_NAMES),
+    ),
+    Setting(
         "quantization",
         "",
         "bitsandbytes quantisation of the LLM (CUDA only; SAM is never quantised)",
@@ -472,6 +481,7 @@ class LisaNodeConfig:
         model: checkpoint directory or hub id; "" = the embedded demo model.
         device: torch device string; "" = cuda when available, else cpu.
         dtype: "float32" | "bfloat16" | "float16"; "" = by device.
+        encoder_dtype: the image encoders' dtype; "" = ``dtype``.
         quantization: None, "8bit" or "4bit".
         vision_tower: CLIP tower override; None = the checkpoint's.
         mode: "generate" or "segment".
@@ -490,6 +500,7 @@ class LisaNodeConfig:
     model: str = ""
     device: str = ""
     dtype: str = ""
+    encoder_dtype: str = ""
     quantization: str | None = None
     vision_tower: str | None = None
     mode: str = DEFAULT_MODE
@@ -531,6 +542,7 @@ class LisaNodeConfig:
             model=checked["model"].strip(),
             device=checked["device"].strip(),
             dtype=checked["dtype"],
+            encoder_dtype=checked["encoder_dtype"],
             quantization=checked["quantization"] or None,
             vision_tower=checked["vision_tower"].strip() or None,
             mode=checked["mode"],

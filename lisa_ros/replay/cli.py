@@ -12,6 +12,7 @@ from typing import Any
 
 from lisa_model.cli.common import (
     UserError,
+    add_encoder_dtype_argument,
     add_mode_argument,
     add_model_arguments,
     load_model_from_args,
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("in_bag", type=Path, help="bag directory or .db3/.mcap file")
     parser.add_argument("--out", type=Path, required=True, help="output bag (must not exist)")
     add_model_arguments(parser)
+    add_encoder_dtype_argument(parser)
     group = parser.add_argument_group("inputs")
     group.add_argument("--image-topic", help="sensor_msgs/Image or CompressedImage topic")
     group.add_argument("--command-topic", help="std_msgs/String topic with commands")

@@ -154,6 +154,18 @@ def test_fixing_the_parameter_lets_configure_succeed(make_node) -> None:
     assert node.model is None and node.state == "unconfigured"
 
 
+def test_encoder_dtype_loads_the_image_encoders_in_bfloat16(make_node) -> None:
+    import torch
+
+    node = make_node(autostart=False, model=str(TINY), encoder_dtype="bfloat16")
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    model = node.model
+    assert model.sam_encoder_dtype == torch.bfloat16
+    assert next(model.vision_tower.parameters()).dtype == torch.bfloat16
+    assert next(model.sam.mask_decoder.parameters()).dtype == torch.float32
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+
+
 def test_config_from_values_checks_types_and_converts_numbers() -> None:
     assert LisaNodeConfig.from_values(defaults()) == LisaNodeConfig()
     assert LisaNodeConfig().pipeline == PipelineConfig()

@@ -20,12 +20,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from action_msgs.msg import GoalStatus  # noqa: E402
 from geometry_msgs.msg import PointStamped  # noqa: E402
+from lisa_msgs.action import Segment  # noqa: E402
+from lisa_msgs.msg import Segmentation  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 
 from lisa_model.types import SegmentationResult  # noqa: E402
-from lisa_msgs.action import Segment  # noqa: E402
-from lisa_msgs.msg import Segmentation  # noqa: E402
 from lisa_ros.conversion import depth_to_image_fields  # noqa: E402
 from lisa_ros.node import LisaNode  # noqa: E402
 from tests.lisa_ros.node_harness import (  # noqa: E402

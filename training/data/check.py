@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from training.data.mixture import DataConfig, MixtureDataset, build_dataset, build_val_dataset
-from training.shapes.datasets import ShapesQueryDataset, ShapesValDataset
 from training.data.types import DataFormatError, image_size
+from training.shapes.datasets import ShapesQueryDataset, ShapesValDataset
 
 
 @dataclass
