@@ -18,6 +18,8 @@ unchanged) and the same output to float rounding. Only the attention differs:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
@@ -69,15 +71,26 @@ class FusedAttention(Attention):
             rh = get_rel_pos(gh, gh, self.rel_pos_h).to(q.dtype)  # (gh, gh, d)
             rw = get_rel_pos(gw, gw, self.rel_pos_w).to(q.dtype)  # (gw, gw, d)
             q_grid = q.unflatten(2, (gh, gw))  # (B', heads, gh, gw, d)
-            rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rh)  # (B', heads, gh, gw, gh)
-            rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rw)  # (B', heads, gh, gw, gw)
+            # einsum returns permuted strides; contiguous ones let the mask below be written
+            # in order and flattened without a copy.
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", q_grid, rh).contiguous()  # (.., gh, gw, gh)
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", q_grid, rw).contiguous()  # (.., gh, gw, gw)
         outs = []
+        buffer = None  # one mask buffer for all chunks (without autograd): no fresh pages each
         for r0 in range(0, gh, rows):
             r1 = min(gh, r0 + rows)
             mask = None
             if rel_h is not None and rel_w is not None:
                 # (B', heads, rows, gw, gh, gw) -> (B', heads, rows * gw, N)
-                mask = rel_h[:, :, r0:r1, :, :, None] + rel_w[:, :, r0:r1, :, None, :]
+                shape = (*rel_h.shape[:2], r1 - r0, gw, gh, gw)
+                out = None
+                if not rel_h.requires_grad:
+                    if buffer is None:  # the first chunk is the largest
+                        buffer = rel_h.new_empty(math.prod(shape))
+                    out = buffer[: math.prod(shape)].view(shape)
+                mask = torch.add(
+                    rel_h[:, :, r0:r1, :, :, None], rel_w[:, :, r0:r1, :, None, :], out=out
+                )
                 mask = mask.flatten(4).flatten(2, 3)
             q_rows = q[:, :, r0 * gw : r1 * gw]
             outs.append(F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask))
