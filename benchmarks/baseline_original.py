@@ -13,9 +13,11 @@
   the token before each ``[SEG]``), then SAM encodes the image and decodes all masks of the
   answer in one call, and the low-res masks are upsampled to the frame.
 
-Preprocessing, the mask decoder call and the upsampling are the package's, which the equivalence
-tests show equal to the original's; so the differences measured against this are the cache, the
-per-frame reuse and what the package skips.
+Preprocessing, the SAM image encoder (run with upstream's attention code on the package's
+modules, ``lisa_model.sam_encoder.upstream_forward``), the mask decoder call and the upsampling
+are the package's, which the equivalence tests show equal to the original's; so the differences
+measured against this are the cache, the per-frame reuse, what the package skips and its fused
+SAM attention.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from lisa_model.modeling import LisaModel, seg_hidden_positions
 from lisa_model.processing import postprocess_masks, prepare_image
+from lisa_model.sam_encoder import upstream_forward
 
 
 @dataclass
@@ -107,7 +110,8 @@ def original_inference(
         ids, model.seg_token_id, model.image_token_index, model.num_image_tokens
     )
     seg_hidden = step_states[-1][rows, positions]  # (n_seg, H)
-    embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64)
+    with upstream_forward(model.sam.image_encoder):  # the original ran upstream SAM's attention
+        embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64)
     t1 = clock()
     if seg_hidden.shape[0]:
         prompts = model.project_seg_hidden(seg_hidden)

@@ -18,13 +18,16 @@ unchanged) and the same output to float rounding. Only the attention differs:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import types
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.common import MLPBlock
-from segment_anything.modeling.image_encoder import Attention, get_rel_pos
+from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
 
 #: Query tokens per attention call in :class:`FusedImageEncoderViT` (rounded down to whole rows).
 DEFAULT_QUERY_CHUNK = 1024
@@ -220,3 +223,23 @@ class FusedImageEncoderViT(ImageEncoderViT):
             raise ValueError(f"query_chunk must be >= 1, got {query_chunk}")
         for block in self.blocks:
             block.attn.query_chunk = query_chunk
+
+
+@contextlib.contextmanager
+def upstream_forward(encoder: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block, ``encoder`` (a :class:`FusedImageEncoderViT`) runs upstream's
+    ``Block.forward`` and ``Attention.forward`` on its own modules: upstream's computation and
+    memory, no second copy of the weights (the original-LISA baseline uses it). Any other
+    encoder is left as it is."""
+    if not isinstance(encoder, FusedImageEncoderViT):
+        yield encoder
+        return
+    for block in encoder.blocks:
+        block.forward = types.MethodType(Block.forward, block)
+        block.attn.forward = types.MethodType(Attention.forward, block.attn)
+    try:
+        yield encoder
+    finally:
+        for block in encoder.blocks:
+            del block.forward
+            del block.attn.forward

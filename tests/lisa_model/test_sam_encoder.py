@@ -10,7 +10,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 import lisa_model.sam_encoder as sam_encoder
 from lisa_model.sam import SAM_VIT_B, SamGeometry, build_sam
-from lisa_model.sam_encoder import FusedImageEncoderViT
+from lisa_model.sam_encoder import FusedImageEncoderViT, upstream_forward
 
 ATOL = 1e-4
 
@@ -180,3 +180,27 @@ def test_vit_b_state_dict_loads_into_fused_on_meta():
     assert {k: v.shape for k, v in fused.state_dict().items()} == {
         k: v.shape for k, v in upstream.state_dict().items()
     }
+
+
+def test_upstream_forward_runs_upstream_code_on_the_fused_modules(monkeypatch):
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(sam_encoder.F, "scaled_dot_product_attention", recording)
+    upstream, fused = pair(img_size=256)
+    x = image(256)
+    with torch.no_grad():
+        ref = upstream(x)
+        with upstream_forward(fused) as same:
+            assert same is fused
+            out = fused(x)
+        assert not calls and torch.equal(out, ref)  # upstream's ops: bit-identical
+        fused(x)
+    assert len(calls) == 4  # the fused forward is back
+    plain = torch.nn.Linear(2, 2)
+    with upstream_forward(plain) as same:
+        assert same is plain
