@@ -17,9 +17,11 @@
 ``model_forward``): one uncached forward over a finished conversation, the baseline of the
 package's fast path.
 
-Preprocessing, the mask decoder call and the upsampling are the package's, which the equivalence
-tests show equal to the original's; so the differences measured against this are the cache, the
-per-frame reuse and what the package skips.
+Preprocessing, the SAM image encoder (run with upstream's attention code on the package's
+modules, ``lisa_model.sam_encoder.upstream_forward``), the mask decoder call and the upsampling
+are the package's, which the equivalence tests show equal to the original's; so the differences
+measured against this are the cache, the per-frame reuse, what the package skips and its fused
+SAM attention.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 
 from lisa_model.modeling import LisaModel, seg_hidden_positions
 from lisa_model.processing import postprocess_masks, prepare_image
+from lisa_model.sam_encoder import upstream_forward
 
 
 @dataclass
@@ -111,7 +114,8 @@ def original_inference(
         ids, model.seg_token_id, model.image_token_index, model.num_image_tokens
     )
     seg_hidden = step_states[-1][rows, positions]  # (n_seg, H)
-    embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64)
+    with upstream_forward(model.sam.image_encoder):  # the original ran upstream SAM's attention
+        embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64)
     t1 = clock()
     if seg_hidden.shape[0]:
         prompts = model.project_seg_hidden(seg_hidden)
@@ -159,7 +163,8 @@ def original_one_forward(
     timings["preprocess"] = clock() - t0
 
     t0 = clock()
-    embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64); SAM first
+    with upstream_forward(model.sam.image_encoder):  # upstream SAM attention, as the original
+        embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64); SAM first
     t1 = clock()
     features = clip_features_as_original(model, prepared.clip.unsqueeze(0))  # (1, P, H)
     t2 = clock()

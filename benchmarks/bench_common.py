@@ -26,6 +26,7 @@ import torch
 from lisa_model.builders import ADDED_TOKEN_LAYOUTS, ModelSpec, build_lisa
 from lisa_model.modeling import LisaModel
 from lisa_model.processing import prepare_image
+from lisa_model.sam_encoder import FusedImageEncoderViT
 from lisa_model.tokenizer import LisaTokenizer, train_sentencepiece
 
 #: Queries asked in the benchmarks (the first one is the "first query" of a frame).
@@ -383,9 +384,15 @@ def activation_estimate(
         n_tok = grid * grid
         dim = enc.patch_embed.proj.out_channels
         heads = enc.blocks[0].attn.num_heads
-        # Upstream SAM attention materialises (heads, N, N) scores; adding the relative
-        # positions and the softmax hold up to three such tensors at once in a global block.
-        sam_attention = 3 * heads * n_tok * n_tok * s
+        if isinstance(enc, FusedImageEncoderViT):
+            # SDPA with the relative-position bias as its mask, built for one chunk of whole
+            # query rows at a time: one (heads, rows * grid, N) mask in a global block.
+            rows = max(1, min(grid, enc.query_chunk // grid))
+            sam_attention = heads * rows * grid * n_tok * s
+        else:
+            # Upstream SAM attention materialises (heads, N, N) scores; adding the relative
+            # positions and the softmax hold up to three such tensors at once in a global block.
+            sam_attention = 3 * heads * n_tok * n_tok * s
         sam_tokens = n_tok * dim * s * (8 + 2 * 4)  # x, qkv, proj, norms; MLP 4x expansion
         sam = sam_attention + sam_tokens + 3 * size * size * s  # + the padded input image
     else:  # ConvImageEncoder: the largest stem map (conv, norm, activation) plus the input

@@ -31,8 +31,14 @@ from segment_anything.modeling import (
 from segment_anything.modeling.common import LayerNorm2d
 
 from lisa_model.config import CheckpointError
+from lisa_model.sam_encoder import FusedImageEncoderViT
 
 SAM_PROMPT_DIM = 256
+
+#: Implementations of SAM's ViT image encoder: ``"fused"`` (:class:`FusedImageEncoderViT`, SDPA
+#: attention with the query rows in chunks, the default) or ``"upstream"`` (segment-anything's
+#: ``ImageEncoderViT``). Both have the same parameters and outputs.
+SAM_ENCODERS: tuple[str, ...] = ("fused", "upstream")
 
 
 @dataclass(frozen=True)
@@ -157,20 +163,27 @@ class ConvImageEncoder(torch.nn.Module):
         return self.neck(x)
 
 
-def build_sam(geometry: SamGeometry = SAM_VIT_H) -> Sam:
-    """An upstream ``Sam`` with randomly initialised weights of the given geometry."""
+def build_sam(geometry: SamGeometry = SAM_VIT_H, *, sam_encoder: str = "fused") -> Sam:
+    """An upstream ``Sam`` with randomly initialised weights of the given geometry.
+
+    ``sam_encoder`` picks the ViT image encoder's implementation (:data:`SAM_ENCODERS`; the
+    state dict is the same); a ``"conv"`` geometry ignores it.
+    """
     g = geometry
     if g.encoder == "conv":
         encoder: torch.nn.Module = ConvImageEncoder(
             g.img_size, g.conv_widths, g.embed_dim, g.depth, g.out_chans
         )
     else:
-        encoder = _build_vit(g)
+        encoder = _build_vit(g, sam_encoder)
     return _assemble(g, encoder)
 
 
-def _build_vit(g: SamGeometry) -> ImageEncoderViT:
-    return ImageEncoderViT(
+def _build_vit(g: SamGeometry, sam_encoder: str = "fused") -> ImageEncoderViT:
+    if sam_encoder not in SAM_ENCODERS:
+        raise ValueError(f"sam_encoder must be one of {SAM_ENCODERS}, got {sam_encoder!r}")
+    cls = FusedImageEncoderViT if sam_encoder == "fused" else ImageEncoderViT
+    return cls(
         img_size=g.img_size,
         patch_size=g.patch_size,
         embed_dim=g.embed_dim,

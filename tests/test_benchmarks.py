@@ -119,3 +119,29 @@ def test_dtype_agreement_rejects_unknown_model():
         timeout=60,
     )
     assert proc.returncode == 2 and "unknown models ['huge']" in proc.stderr
+
+
+def test_sam_encoder_quick(tmp_path):
+    out_json = tmp_path / "sam.json"
+    out = run_script("sam_encoder.py", "--quick", "--threads", "1", "--json", str(out_json))
+    assert "| shape | dtype | upstream ms (median) |" in out and "| small | float32 |" in out
+    assert "- native bf16 on cpu:" in out
+    payload = json.loads(out_json.read_text())
+    assert payload["img_size"] == 512 and payload["query_chunk"] == 256
+    (row,) = payload["rows"]
+    assert row["shape"] == "small" and row["dtype"] == "float32"
+    assert len(row["times_ms"]["upstream"]) == len(row["times_ms"]["fused"]) == 1
+    assert row["max_abs_diff"] <= 1e-4  # same weights, same output
+    assert row["peak_bytes"]["upstream"] > 0 and row["peak_bytes"]["fused"] > 0
+    assert row["speedup"] > 0 and row["memory_ratio"] > 0
+
+
+def test_sam_encoder_rejects_unknown_shape():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sam_encoder.py"), "--shapes", "vit-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "unknown shapes ['vit-z']" in proc.stderr

@@ -18,6 +18,7 @@ from lisa_model.metrics import SegMetrics
 from lisa_model.modeling import expanded_positions
 from lisa_model.predictor import LisaPredictor
 from lisa_model.processing import prepare_image
+from lisa_model.sam_encoder import FusedImageEncoderViT
 from tests.conftest import REFERENCE_DIR, read_rgb
 from training.data.reason_seg import read_reason_seg_json
 
@@ -54,6 +55,7 @@ def test_checkpoint_loads_with_report(reference_model):
     geometry = reference_model.sam.image_encoder
     assert len(geometry.blocks) == 2 and geometry.blocks[1].window_size == 0  # global block 1
     assert geometry.blocks[0].window_size == 14
+    assert isinstance(geometry, FusedImageEncoderViT)  # the default; the fixtures hold with it
 
 
 def test_rope_frequencies_are_computed_not_loaded(reference_model):
