@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="--live: an in-code model (random weights) instead of --model",
     )
+    parser.add_argument(
+        "--preencode-max-hz",
+        type=float,
+        default=None,
+        help="--live: the node parameter (default: the node's default)",
+    )
     parser.add_argument("--json", default="", help="--live: write the figures here")
     return parser
 
@@ -313,6 +319,8 @@ def _run_live(args: argparse.Namespace) -> int:
         "image_wait_timeout": 10.0,
         "preencode": True,
     }
+    if args.preencode_max_hz is not None:
+        overrides["preencode_max_hz"] = args.preencode_max_hz
     node = LisaNode(
         namespace="/bench",
         context=context,
@@ -389,6 +397,7 @@ def _run_live(args: argparse.Namespace) -> int:
                 return 1
             time.sleep(0.05)
         print(f"model ready in {time.perf_counter() - start:.1f} s on {node.model.device}")
+        node_hz = node.config.pipeline.preencode_max_hz
         while image_pub.get_subscription_count() == 0 or command_pub.get_subscription_count() == 0:
             time.sleep(0.05)
         camera_on.set()
@@ -435,7 +444,8 @@ def _run_live(args: argparse.Namespace) -> int:
     model_name = args.bench_model or Path(args.model).name
     print(
         f"\n## Live latency ({model_name}, {args.device}, {h}x{w} rgb8 at {args.camera_hz:g} Hz, "
-        f"mode {args.mode}, gaps {args.gap[0]:g}-{args.gap[1]:g} s, seed {args.seed})\n"
+        f"mode {args.mode}, gaps {args.gap[0]:g}-{args.gap[1]:g} s, seed {args.seed}, "
+        f"preencode_max_hz {node_hz:g})\n"
     )
     print("| setting | commands | latency ms (median) | p95 | min | pre-encoded | errors |")
     print("|---|---|---|---|---|---|---|")
@@ -465,6 +475,7 @@ def _run_live(args: argparse.Namespace) -> int:
             "mode": args.mode,
             "gap_s": list(args.gap),
             "seed": args.seed,
+            "preencode_max_hz": node_hz,
             "phases": phases,
             "ratios": ratios,
         }
