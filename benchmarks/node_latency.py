@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--live: the node parameter (default: the node's default)",
     )
+    parser.add_argument(
+        "--max-image-age",
+        type=float,
+        default=None,
+        help="--live: the node parameter for the live settings (default: the node's default)",
+    )
     parser.add_argument("--json", default="", help="--live: write the figures here")
     return parser
 
@@ -321,6 +327,8 @@ def _run_live(args: argparse.Namespace) -> int:
     }
     if args.preencode_max_hz is not None:
         overrides["preencode_max_hz"] = args.preencode_max_hz
+    if args.max_image_age is not None:
+        overrides["max_image_age"] = args.max_image_age
     node = LisaNode(
         namespace="/bench",
         context=context,
@@ -398,6 +406,7 @@ def _run_live(args: argparse.Namespace) -> int:
             time.sleep(0.05)
         print(f"model ready in {time.perf_counter() - start:.1f} s on {node.model.device}")
         node_hz = node.config.pipeline.preencode_max_hz
+        max_age = node.config.pipeline.max_image_age
         while image_pub.get_subscription_count() == 0 or command_pub.get_subscription_count() == 0:
             time.sleep(0.05)
         camera_on.set()
@@ -445,7 +454,7 @@ def _run_live(args: argparse.Namespace) -> int:
     print(
         f"\n## Live latency ({model_name}, {args.device}, {h}x{w} rgb8 at {args.camera_hz:g} Hz, "
         f"mode {args.mode}, gaps {args.gap[0]:g}-{args.gap[1]:g} s, seed {args.seed}, "
-        f"preencode_max_hz {node_hz:g})\n"
+        f"preencode_max_hz {node_hz:g}, max_image_age {max_age:g} s)\n"
     )
     print("| setting | commands | latency ms (median) | p95 | min | pre-encoded | errors |")
     print("|---|---|---|---|---|---|---|")
@@ -476,6 +485,7 @@ def _run_live(args: argparse.Namespace) -> int:
             "gap_s": list(args.gap),
             "seed": args.seed,
             "preencode_max_hz": node_hz,
+            "max_image_age": max_age,
             "phases": phases,
             "ratios": ratios,
         }

@@ -8,9 +8,10 @@ loopback. It prints:
 
 1. malformed inputs: frames with unknown encodings, sizes and steps that do not fit the data,
    empty, huge and truncated frames; commands empty, blank, huge, with control characters,
-   bytes read as Latin-1, odd Unicode (``--seed`` picks the values); the count of each kind, the
-   typed answers the node gave to the commands, crashes (the process died: must be 0) and the
-   latency of a valid command right after them;
+   bytes read as Latin-1, odd Unicode (``--seed`` picks the values), sent in ``--malformed``
+   rounds (one of each kind and a valid command, then wait for the answers) while a 5 Hz camera
+   sends valid frames; the count of each kind, the typed answers the node gave to the commands,
+   crashes (the process died: must be 0) and the latency of a valid command right after them;
 2. a frame flood: ``--camera-hz`` 480x640 rgb8 frames for ``--flood-seconds`` with a command
    now and then; the node process's RSS (``/proc/<pid>/status`` VmRSS) at the start, its
    maximum and at the end;
