@@ -194,8 +194,16 @@ def run(args: argparse.Namespace) -> int:
         # 1. command latency: frame + command published together -> mask received.
         latencies = []
         for i in range(args.runs + 1):  # the first run warms up
+            before = node.pipeline.stats().frames_received
             t0 = time.perf_counter()
             publish_frame(i)
+            # The command goes once the node holds the frame: the two topics may arrive in
+            # either order, and a command before its frame would take the previous one.
+            while node.pipeline.stats().frames_received == before:
+                if time.perf_counter() - t0 > 30.0:
+                    print(f"run {i}: frame not received within 30 s")
+                    return 1
+                time.sleep(0.001)
             command_pub.publish(String(data="the object in the middle"))
             if not wait_for(lambda i=i: any(f == f"f{i}" for f, _ in masks), 120.0):
                 print(f"run {i}: no mask within 120 s")
@@ -422,12 +430,13 @@ def _run_live(args: argparse.Namespace) -> int:
             [Parameter("preencode", value=True), Parameter("max_image_age", value=0.0)]
         )
         camera_on.clear()
-        time.sleep(0.3)
+        time.sleep(0.3)  # the camera thread notices
         last = f"f{sent_frames[0] - 1}"
         deadline = time.perf_counter() + 120.0
-        while True:
+        while True:  # every frame received (reliable), the last one encoded
             encoded = node.pipeline.encoded_frame
-            if encoded is not None and encoded.frame_id == last:
+            received = node.pipeline.stats().frames_received
+            if received >= sent_frames[0] and encoded is not None and encoded.frame_id == last:
                 break
             if time.perf_counter() > deadline:
                 print(f"the last frame {last} was not encoded within 120 s")
