@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -145,3 +147,45 @@ def test_sam_encoder_rejects_unknown_shape():
         timeout=60,
     )
     assert proc.returncode == 2 and "unknown shapes ['vit-z']" in proc.stderr
+@pytest.mark.ros
+def test_node_latency_live_smoke(tmp_path):
+    out_json = tmp_path / "live.json"
+    out = run_script(
+        "node_latency.py", "--live", "--commands", "3", "--gap", "0.2,0.5", "--camera-hz", "10",
+        "--size", "48x64", "--json", str(out_json),
+    )  # fmt: skip
+    assert "| setting | commands | latency ms (median) | p95 | min | pre-encoded | errors |" in out
+    for label in ("live, preencode on", "live, preencode off", "set frame (already encoded)"):
+        assert f"| {label} | 3 |" in out
+    assert "| live with preencode / set frame |" in out and "| live preencode off / on |" in out
+    report = json.loads(out_json.read_text())
+    phases = report["phases"]
+    for phase in phases.values():  # every command answered: served (timed) or a typed error
+        assert len(phase["latencies_ms"]) + len(phase["errors"]) == 3
+    # Set frame: the camera stopped and the last frame encoded, so every command finds it so.
+    floor = phases["set frame (already encoded)"]
+    assert floor["errors"] == [] and floor["preencoded"] == 3
+    assert report["ratios"]["live_on_vs_set_frame"] > 0
+    assert report["ratios"]["live_off_vs_live_on"] > 0
+
+
+@pytest.mark.ros
+def test_node_stress_quick(tmp_path):
+    out_json = tmp_path / "stress.json"
+    out = run_script("node_stress.py", "--quick", "--json", str(out_json))
+    assert "respawn emulated" in out and "crashes (process died): 0" in out
+    report = json.loads(out_json.read_text())
+    malformed = report["malformed"]
+    assert malformed["crashes"] == 0 and report["crashes"] == 0
+    assert all(n > 0 for n in malformed["frames"].values()) and len(malformed["frames"]) == 6
+    assert len(malformed["commands"]) == 6
+    # Every malformed command that reached the node got a typed answer; empty ones are rejected.
+    assert malformed["answered"] == malformed["expected_answers"] > 0
+    assert malformed["answers"].get("rejected", 0) > 0
+    assert report["flood"]["alive"] and report["flood"]["rss_max_mib"] > 0
+    cycle = report["respawn"]["cycles"][0]
+    assert report["respawn"]["emulated"]
+    assert cycle["respawned_s"] >= report["respawn"]["delay_s"]
+    assert cycle["first_result_s"] >= cycle["active_s"] >= cycle["respawned_s"]
+    pairing = report["pairing"]
+    assert pairing["mismatches"] == [] and pairing["results"] == pairing["sent"] == 6
