@@ -147,6 +147,8 @@ def test_sam_encoder_rejects_unknown_shape():
         timeout=60,
     )
     assert proc.returncode == 2 and "unknown shapes ['vit-z']" in proc.stderr
+
+
 @pytest.mark.ros
 def test_node_latency_live_smoke(tmp_path):
     out_json = tmp_path / "live.json"
