@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--live: the node parameter for the live settings (default: the node's default)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="the node's threads parameter (torch CPU threads; 0 = torch's default)",
+    )
     parser.add_argument("--json", default="", help="--live: write the figures here")
     return parser
 
@@ -302,6 +308,7 @@ def _run_live(args: argparse.Namespace) -> int:
     _ros_environment(args)
     import numpy as np
     import rclpy
+    import torch
     from lisa_msgs.msg import Segmentation
     from rclpy.context import Context
     from rclpy.executors import MultiThreadedExecutor
@@ -332,6 +339,7 @@ def _run_live(args: argparse.Namespace) -> int:
         "image_reliability": "reliable",
         "image_wait_timeout": 10.0,
         "preencode": True,
+        "threads": args.threads,
     }
     if args.preencode_max_hz is not None:
         overrides["preencode_max_hz"] = args.preencode_max_hz
@@ -415,6 +423,7 @@ def _run_live(args: argparse.Namespace) -> int:
         print(f"model ready in {time.perf_counter() - start:.1f} s on {node.model.device}")
         node_hz = node.config.pipeline.preencode_max_hz
         max_age = node.config.pipeline.max_image_age
+        torch_threads = node.config.threads or torch.get_num_threads()
         while image_pub.get_subscription_count() == 0 or command_pub.get_subscription_count() == 0:
             time.sleep(0.05)
         camera_on.set()
@@ -431,15 +440,19 @@ def _run_live(args: argparse.Namespace) -> int:
         )
         camera_on.clear()
         time.sleep(0.3)  # the camera thread notices
-        last = f"f{sent_frames[0] - 1}"
         deadline = time.perf_counter() + 120.0
-        while True:  # every frame received (reliable), the last one encoded
-            encoded = node.pipeline.encoded_frame
-            received = node.pipeline.stats().frames_received
-            if received >= sent_frames[0] and encoded is not None and encoded.frame_id == last:
+        quiet_since, received = time.perf_counter(), -1
+        while True:  # no frame for 0.5 s (the camera stopped), the newest one encoded
+            now = time.perf_counter()
+            count = node.pipeline.stats().frames_received
+            if count != received:
+                quiet_since, received = now, count
+            newest, encoded = node.pipeline.newest_frame, node.pipeline.encoded_frame
+            if now - quiet_since > 0.5 and newest is not None and encoded is newest:
                 break
-            if time.perf_counter() > deadline:
-                print(f"the last frame {last} was not encoded within 120 s")
+            if now > deadline:
+                name = newest.frame_id if newest is not None else None
+                print(f"the newest frame {name} was not encoded within 120 s")
                 return 1
             time.sleep(0.02)
         phases["set frame (already encoded)"] = command_round(
@@ -463,7 +476,8 @@ def _run_live(args: argparse.Namespace) -> int:
     print(
         f"\n## Live latency ({model_name}, {args.device}, {h}x{w} rgb8 at {args.camera_hz:g} Hz, "
         f"mode {args.mode}, gaps {args.gap[0]:g}-{args.gap[1]:g} s, seed {args.seed}, "
-        f"preencode_max_hz {node_hz:g}, max_image_age {max_age:g} s)\n"
+        f"preencode_max_hz {node_hz:g}, max_image_age {max_age:g} s, "
+        f"{torch_threads} torch threads)\n"
     )
     print("| setting | commands | latency ms (median) | p95 | min | pre-encoded | errors |")
     print("|---|---|---|---|---|---|---|")
@@ -495,6 +509,7 @@ def _run_live(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "preencode_max_hz": node_hz,
             "max_image_age": max_age,
+            "torch_threads": torch_threads,
             "phases": phases,
             "ratios": ratios,
         }

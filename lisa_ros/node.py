@@ -256,6 +256,10 @@ class LisaNode(LifecycleNode):
             note = cpu_bf16_note(device, name)  # no silent slow path
             if note:
                 self.get_logger().warning(note)
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)  # process-wide: the node owns its process
         source = config.model
         try:
             if not source:
@@ -634,6 +638,11 @@ class LisaNode(LifecycleNode):
 
     def _work(self, pipeline: Pipeline, segmenter: Segmenter) -> None:
         """The worker: waits on the pipeline's condition, runs jobs, publishes outcomes."""
+        threads = self._config.threads if self._config is not None else 0
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # per thread under OpenMP: this one runs the model
         while not self._stop_worker.is_set():
             if not self._active.is_set():
                 pipeline.wait_for_input(None)  # woken by activate, a push or stop

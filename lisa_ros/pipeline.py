@@ -457,6 +457,12 @@ class Pipeline:
             return len(self._commands)
 
     @property
+    def newest_frame(self) -> Frame | None:
+        """The newest frame received (None before the first)."""
+        with self._lock:
+            return self._frame
+
+    @property
     def encoded_frame(self) -> Frame | None:
         """The frame the segmenter holds encoded (None when none or unknown)."""
         with self._lock:

@@ -179,6 +179,16 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("", *DTYPE_NAMES),
     ),
     Setting(
+        "threads",
+        0,
+        "CPU threads torch uses for the model; 0 = torch's default (one per core). On a CPU "
+        "shared with the camera driver, fewer threads than cores keep latency steady",
+        _MODEL,
+        Applies.STARTUP,
+        minimum=0,
+        maximum=1024,
+    ),
+    Setting(
         "quantization",
         "",
         "bitsandbytes quantisation of the LLM (CUDA only; SAM is never quantised)",
@@ -482,6 +492,7 @@ class LisaNodeConfig:
         device: torch device string; "" = cuda when available, else cpu.
         dtype: "float32" | "bfloat16" | "float16"; "" = by device.
         encoder_dtype: the image encoders' dtype; "" = ``dtype``.
+        threads: torch's CPU threads (``torch.set_num_threads``); 0 = torch's default.
         quantization: None, "8bit" or "4bit".
         vision_tower: CLIP tower override; None = the checkpoint's.
         mode: "generate" or "segment".
@@ -501,6 +512,7 @@ class LisaNodeConfig:
     device: str = ""
     dtype: str = ""
     encoder_dtype: str = ""
+    threads: int = 0
     quantization: str | None = None
     vision_tower: str | None = None
     mode: str = DEFAULT_MODE
@@ -543,6 +555,7 @@ class LisaNodeConfig:
             device=checked["device"].strip(),
             dtype=checked["dtype"],
             encoder_dtype=checked["encoder_dtype"],
+            threads=checked["threads"],
             quantization=checked["quantization"] or None,
             vision_tower=checked["vision_tower"].strip() or None,
             mode=checked["mode"],

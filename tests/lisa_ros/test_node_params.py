@@ -154,11 +154,17 @@ def test_fixing_the_parameter_lets_configure_succeed(make_node) -> None:
     assert node.model is None and node.state == "unconfigured"
 
 
-def test_encoder_dtype_loads_the_image_encoders_in_bfloat16(make_node) -> None:
+def test_encoder_dtype_and_threads_apply_when_the_model_loads(make_node) -> None:
     import torch
 
-    node = make_node(autostart=False, model=str(TINY), encoder_dtype="bfloat16")
-    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    threads = torch.get_num_threads()
+    wanted = 1 if threads != 1 else 2
+    node = make_node(autostart=False, model=str(TINY), encoder_dtype="bfloat16", threads=wanted)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(threads)
     model = node.model
     assert model.sam_encoder_dtype == torch.bfloat16
     assert next(model.vision_tower.parameters()).dtype == torch.bfloat16
