@@ -18,6 +18,7 @@ Before anything runs, the 7B and 13B shapes are built on the meta device to prin
 sizes and whether they fit 80 GB (this part also runs on a CPU).
 
     python benchmarks/gpu_benchmark.py                      # 7b,13b; bf16 and 4bit; < 5 min
+    python benchmarks/gpu_benchmark.py --sam-encoder --live # + fused SAM and the live node
     python benchmarks/gpu_benchmark.py --device cpu --sizes tiny --quick    # dry run on a CPU
 """
 
@@ -108,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-syncs", action="store_true",
         help="count CUDA host-device syncs of 8- and 32-token answers (sync debug mode)",
     )  # fmt: skip
+    parser.add_argument(
+        "--sam-encoder",
+        action="store_true",
+        help="also run sam_encoder.py on the device: upstream vs fused SAM ViT-B and ViT-H, "
+        "bf16 and fp32 (--quick: the small shape at 512)",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="also run node_latency.py --live on the device (the ROS node with a 30 Hz camera, "
+        "pre-encoding on/off vs a set frame; needs the venv's rclpy and lisa_msgs)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 repeats (dry runs)")
     return parser
 
@@ -167,11 +180,45 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     print()
     print_results(results, card)
+    status = 0
+    if args.sam_encoder:
+        status |= run_sam_encoder(args)
+    if args.live:
+        status |= run_live(args)
     print(f"\ntotal time {time.perf_counter() - t_start:.0f} s")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
         print(f"wrote {args.json}")
-    return 0
+    return status
+
+
+def run_sam_encoder(args: argparse.Namespace) -> int:
+    """The fused vs upstream SAM encoder table on this device (``sam_encoder.py``)."""
+    from benchmarks import sam_encoder
+
+    print()
+    argv = ["--device", args.device, "--repeats", str(args.repeats)]
+    if args.quick:
+        argv += ["--quick"]
+    else:
+        argv += ["--shapes", "vit-b,vit-h", "--dtypes", "bfloat16,float32"]
+    if args.json:
+        argv += ["--json", str(args.json.with_name(args.json.stem + "_sam_encoder.json"))]
+    return sam_encoder.main(argv)
+
+
+def run_live(args: argparse.Namespace) -> int:
+    """The live-stream latency of the node on this device (``node_latency.py --live``, in a
+    child process: it brings up ROS)."""
+    import subprocess
+
+    print(flush=True)
+    script = Path(__file__).resolve().with_name("node_latency.py")
+    argv = [sys.executable, str(script), "--live", "--device", args.device]
+    argv += ["--commands", "3", "--gap", "0.5,1"] if args.quick else ["--bench-model", "small"]
+    if args.json:
+        argv += ["--json", str(args.json.with_name(args.json.stem + "_live.json"))]
+    return subprocess.run(argv, check=False).returncode
 
 
 def quantization_unavailable(precision: str, device: torch.device) -> str:

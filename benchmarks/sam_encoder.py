@@ -62,10 +62,12 @@ class EncoderShape:
     note: str = ""
 
 
-#: The shapes benchmarked: SAM ViT-B, and a small one with 3 of 4 blocks global.
+#: The shapes benchmarked: SAM ViT-B, a small one with 3 of 4 blocks global, and SAM ViT-H (the
+#: encoder of the published LISA checkpoints; for a GPU, see ``gpu_benchmark.py --sam-encoder``).
 SHAPES: dict[str, EncoderShape] = {
     "small": EncoderShape(256, 4, 4, (1, 2, 3), note="256 x 4, 3 global blocks"),
     "vit-b": EncoderShape(768, 12, 12, (2, 5, 8, 11), note="SAM ViT-B"),
+    "vit-h": EncoderShape(1280, 32, 16, (7, 15, 23, 31), note="SAM ViT-H, as in LISA"),
 }
 IMPLS = ("upstream", "fused")
 
