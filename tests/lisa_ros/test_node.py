@@ -474,12 +474,8 @@ def test_live_node_and_replay_of_the_same_inputs_give_identical_masks(
             writer.write(conns[topic], t_ns, raw)
 
     segmenter = ModeSegmenter(LisaPredictor(shared_model), node.config.mode)
-    config = PipelineConfig(
-        max_new_tokens=8,
-        max_image_age=MAIN_MAX_AGE,
-        image_wait_timeout=MAIN_WAIT,
-        max_command_chars=60,
-    )
+    config = node.config.pipeline  # the live node's own settings (pre-encoding off)
+    assert isinstance(config, PipelineConfig) and not config.preencoding
     replayed = {
         p.outcome.frame.header.frame_id: p.outcome.mask
         for p in replay_outcomes(bag, segmenter, config)
