@@ -154,6 +154,7 @@ class LisaNode(LifecycleNode):
         super().__init__(node_name, **kwargs)
         self._parameters_guard = ParameterGuard(self)
         self._throttle = LogThrottle()
+        self._warned_slow_encoding = False
         self._active = threading.Event()
         self._config: LisaNodeConfig | None = None
         self._model: Any = None
@@ -727,6 +728,16 @@ class LisaNode(LifecycleNode):
             self.get_logger().debug(
                 f"pre-encoded frame {encoded.frame.seq} in {encoded.seconds:.2f} s"
             )
+            pipeline = self._pipeline
+            max_age = pipeline.config.max_image_age if pipeline is not None else 0.0
+            if 0.0 < max_age <= encoded.seconds and not self._warned_slow_encoding:
+                self._warned_slow_encoding = True  # once per process: a property of the set-up
+                self.get_logger().warning(
+                    f"pre-encoding a frame took {encoded.seconds:.2f} s, not less than "
+                    f"max_image_age ({max_age:g} s): pre-encoded frames are stale before a "
+                    "command can use them. Raise max_image_age above the encoding time plus "
+                    "1/preencode_max_hz, or set preencode to false (docs/performance.md)"
+                )
             return
         reason = f"{type(encoded.error).__name__}: {encoded.error}"
         self._report(_reason_key("preencode", reason), f"pre-encoding failed: {reason}")

@@ -172,6 +172,25 @@ def test_encoder_dtype_and_threads_apply_when_the_model_loads(make_node) -> None
     assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
 
 
+def test_a_pre_encoding_slower_than_max_image_age_is_reported_once(make_node, capfd) -> None:
+    import numpy as np
+
+    from lisa_ros.pipeline import Encoded
+    from lisa_ros.pipeline_types import Frame
+
+    node = make_node(autostart=False, model=str(TINY), max_image_age=0.5)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    frame = Frame(np.zeros((4, 4, 3), np.uint8), stamp=0.0, received=0.0, seq=1)
+    node._log_encoding(Encoded(frame, seconds=0.3))  # in time: nothing to say
+    node._log_encoding(Encoded(frame, seconds=0.7))
+    node._log_encoding(Encoded(frame, seconds=0.9))
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "pre-encoding a frame" in ln]
+    assert len(lines) == 1, lines
+    assert "[WARN]" in lines[0] and "took 0.70 s" in lines[0]
+    assert "max_image_age (0.5 s)" in lines[0]
+
+
 def test_config_from_values_checks_types_and_converts_numbers() -> None:
     assert LisaNodeConfig.from_values(defaults()) == LisaNodeConfig()
     assert LisaNodeConfig().pipeline == PipelineConfig()
