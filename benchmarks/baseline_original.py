@@ -117,15 +117,7 @@ def original_inference(
     with upstream_forward(model.sam.image_encoder):  # the original ran upstream SAM's attention
         embedding = model.encode_sam(prepared.sam.unsqueeze(0))  # (1, 256, 64, 64)
     t1 = clock()
-    if seg_hidden.shape[0]:
-        prompts = model.project_seg_hidden(seg_hidden)
-        low_res = model.decode_masks(embedding, prompts)
-        logits = postprocess_masks(
-            low_res, prepared.resized_hw, prepared.original_hw, model.sam_image_size
-        )
-        logits_np = logits.float().cpu().numpy()
-    else:
-        logits_np = np.zeros((0, *prepared.original_hw), dtype=np.float32)
+    logits_np = masks_from_seg_states(model, seg_hidden, embedding, prepared)
     t2 = clock()
     timings["sam_encoder"] = t1 - t0
     timings["masks"] = t2 - t1
@@ -177,15 +169,19 @@ def original_one_forward(
         ids, model.seg_token_id, model.image_token_index, model.num_image_tokens
     )
     seg_hidden = hidden[rows, positions]  # (n_seg, H)
-    if seg_hidden.shape[0]:
-        prompts = model.project_seg_hidden(seg_hidden)
-        low_res = model.decode_masks(embedding, prompts)
-        logits = postprocess_masks(
-            low_res, prepared.resized_hw, prepared.original_hw, model.sam_image_size
-        )
-        logits_np = logits.float().cpu().numpy()
-    else:
-        logits_np = np.zeros((0, *prepared.original_hw), dtype=np.float32)
+    logits_np = masks_from_seg_states(model, seg_hidden, embedding, prepared)
     t4 = clock()
     timings.update(sam_encoder=t1 - t0, clip=t2 - t1, llm=t3 - t2, masks=t4 - t3)
     return OriginalResult([], logits_np, timings, steps=1)
+
+
+def masks_from_seg_states(model: LisaModel, seg_hidden, embedding, prepared) -> np.ndarray:
+    """``(n_seg, H, W)`` float32 mask logits in the frame's size from the ``[SEG]`` states
+    ``(n_seg, hidden)``: projector, SAM's prompt encoder and mask decoder, upsampling."""
+    if not seg_hidden.shape[0]:
+        return np.zeros((0, *prepared.original_hw), dtype=np.float32)
+    low_res = model.decode_masks(embedding, model.project_seg_hidden(seg_hidden))
+    logits = postprocess_masks(
+        low_res, prepared.resized_hw, prepared.original_hw, model.sam_image_size
+    )
+    return logits.float().cpu().numpy()
