@@ -104,6 +104,30 @@ def _parse_gap(text: str) -> tuple[float, float]:
     return low, high
 
 
+def _node_overrides(args: argparse.Namespace, **extra: object) -> dict[str, object]:
+    """The node's parameters for a benchmark run: the model options, reliable images, and
+    ``extra``."""
+    return {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "mode": args.mode,
+        "max_new_tokens": args.max_new_tokens,
+        "image_reliability": "reliable",
+        "image_wait_timeout": 10.0,
+        "threads": args.threads,
+        **extra,
+    }
+
+
+def _random_frames(h: int, w: int, seed: int, count: int = 4) -> list[bytes]:
+    """``count`` random ``(h, w, 3)`` uint8 frames as raw rgb8 bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes() for _ in range(count)]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
@@ -122,7 +146,6 @@ def _ros_environment(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _ros_environment(args)
 
-    import numpy as np
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import MultiThreadedExecutor
@@ -135,24 +158,16 @@ def run(args: argparse.Namespace) -> int:
     from lisa_ros.node import LisaNode
 
     h, w = args.size
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes() for _ in range(4)]
+    frames = _random_frames(h, w, seed=0)
     reliable = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
 
     context = Context()
     rclpy.init(args=["--ros-args", "--disable-external-lib-logs"], context=context)
     executor = MultiThreadedExecutor(num_threads=4, context=context)
     spinner = threading.Thread(target=executor.spin, daemon=True)
-    overrides = {
-        "model": args.model,
-        "device": args.device,
-        "dtype": args.dtype,
-        "mode": args.mode,
-        "max_new_tokens": args.max_new_tokens,
-        "image_reliability": "reliable",
-        "image_wait_timeout": 10.0,
-        "queue_size": 2,
-    }
+    # Pre-encoding off: every command here is timed on a new frame, encoding included (with it
+    # on, a command may take the previous frame, already encoded; --live measures that).
+    overrides = _node_overrides(args, queue_size=2, preencode=False)
     node = LisaNode(
         namespace="/bench",
         context=context,
@@ -306,7 +321,6 @@ def run_live(args: argparse.Namespace) -> int:
 
 def _run_live(args: argparse.Namespace) -> int:
     _ros_environment(args)
-    import numpy as np
     import rclpy
     import torch
     from lisa_msgs.msg import Segmentation
@@ -321,8 +335,7 @@ def _run_live(args: argparse.Namespace) -> int:
     from lisa_ros.node import LisaNode
 
     h, w = args.size
-    rng = np.random.default_rng(args.seed)
-    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes() for _ in range(4)]
+    frames = _random_frames(h, w, seed=args.seed)
     gaps = random.Random(args.seed)
     reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 
@@ -330,17 +343,7 @@ def _run_live(args: argparse.Namespace) -> int:
     rclpy.init(args=["--ros-args", "--disable-external-lib-logs"], context=context)
     executor = MultiThreadedExecutor(num_threads=4, context=context)
     spinner = threading.Thread(target=executor.spin, daemon=True)
-    overrides = {
-        "model": args.model,
-        "device": args.device,
-        "dtype": args.dtype,
-        "mode": args.mode,
-        "max_new_tokens": args.max_new_tokens,
-        "image_reliability": "reliable",
-        "image_wait_timeout": 10.0,
-        "preencode": True,
-        "threads": args.threads,
-    }
+    overrides = _node_overrides(args, preencode=True)
     if args.preencode_max_hz is not None:
         overrides["preencode_max_hz"] = args.preencode_max_hz
     if args.max_image_age is not None:

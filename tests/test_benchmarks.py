@@ -150,6 +150,14 @@ def test_sam_encoder_rejects_unknown_shape():
 
 
 @pytest.mark.ros
+def test_node_latency_new_frames_and_continuous_mode():
+    out = run_script("node_latency.py", "--runs", "3", "--seconds", "2", "--size", "48x64")
+    assert "command latency (48x64 rgb8, mode segment, 3 runs): median" in out
+    assert "continuous mode:" in out and "masks/s steady" in out
+    assert "0 pre-encoded" in out  # every timed command paid its frame's encoding
+
+
+@pytest.mark.ros
 def test_node_latency_live_smoke(tmp_path):
     out_json = tmp_path / "live.json"
     out = run_script(
