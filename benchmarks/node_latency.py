@@ -128,6 +128,18 @@ def _random_frames(h: int, w: int, seed: int, count: int = 4) -> list[bytes]:
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8).tobytes() for _ in range(count)]
 
 
+def _wait_until_active(node, timeout: float = 600.0) -> bool:
+    """Wait for the node to load its model and activate; say how long it took or why not."""
+    start = time.perf_counter()
+    while node.state != "active":
+        if node.last_error or time.perf_counter() - start > timeout:
+            print(f"node did not start: {node.last_error}")
+            return False
+        time.sleep(0.05)
+    print(f"model ready in {time.perf_counter() - start:.1f} s on {node.model.device}")
+    return True
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100.0 * (len(ordered) - 1))))
@@ -201,13 +213,8 @@ def run(args: argparse.Namespace) -> int:
     executor.add_node(probe)
     spinner.start()
     try:
-        start = time.perf_counter()
-        while node.state != "active":
-            if node.last_error or time.perf_counter() - start > 600:
-                print(f"node did not start: {node.last_error}")
-                return 1
-            time.sleep(0.05)
-        print(f"model ready in {time.perf_counter() - start:.1f} s on {node.model.device}")
+        if not _wait_until_active(node):
+            return 1
         while image_pub.get_subscription_count() == 0 or command_pub.get_subscription_count() == 0:
             time.sleep(0.05)
         time.sleep(0.5)
@@ -417,13 +424,8 @@ def _run_live(args: argparse.Namespace) -> int:
     camera_thread = threading.Thread(target=camera, daemon=True)
     camera_thread.start()
     try:
-        start = time.perf_counter()
-        while node.state != "active":
-            if node.last_error or time.perf_counter() - start > 600:
-                print(f"node did not start: {node.last_error}")
-                return 1
-            time.sleep(0.05)
-        print(f"model ready in {time.perf_counter() - start:.1f} s on {node.model.device}")
+        if not _wait_until_active(node):
+            return 1
         node_hz = node.config.pipeline.preencode_max_hz
         max_age = node.config.pipeline.max_image_age
         torch_threads = node.config.threads or torch.get_num_threads()
